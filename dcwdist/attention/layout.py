@@ -1,0 +1,117 @@
+"""Block layouts: which key blocks each query block reads, and with which token mask.
+
+A layout is CSR over rows r = (b * G + g) * NQ + qb  (b batch, g layout head group, qb query
+block): entries indptr[r] .. indptr[r+1] name key blocks and a mask mode each. The token mask
+inside a (query block, key block) tile is decided from positions, so the same layout drives a
+query set against the full key sequence and against compact key sets (gathered strided keys,
+pooled summaries, top-k blocks):
+
+    delta = q_pos[i] - k_pos[j]
+    MODE_FULL    every pair
+    MODE_CAUSAL  delta >= 0
+    MODE_WINDOW  0 <= delta < window
+    MODE_FAR     delta >= far            (strided keys outside the buffer window)
+and, when q_doc / k_doc are given, q_doc[i] == k_doc[j] (and k_doc[j] >= 0: -1 marks padding).
+
+G is 1 when every head shares the pattern (DCW), or Hkv when kv-head groups differ
+(block_topk); query head h uses group h // (H // G).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+MODE_FULL, MODE_CAUSAL, MODE_WINDOW, MODE_FAR = 0, 1, 2, 3
+
+
+@dataclass
+class BlockLayout:
+    indptr: torch.Tensor
+    """int64 [B * G * NQ + 1] CSR row pointers."""
+    kv_block: torch.Tensor
+    """int32 [nnz] key block index of each entry (into the key set this layout is used with)."""
+    mode: torch.Tensor
+    """int8 [nnz] MODE_* of each entry."""
+    batch: int
+    groups: int
+    num_q_blocks: int
+    num_k_blocks: int
+    q_block: int
+    """Tokens per query block."""
+    k_block: int
+    """Tokens per key block."""
+    q_pos: torch.Tensor
+    """int64 [B, NQ * q_block] position of each query token (row index for plain sequences)."""
+    k_pos: torch.Tensor
+    """int64 [B, NK * k_block] position of each key token."""
+    window: int = 0
+    """MODE_WINDOW width."""
+    far: int = 0
+    """MODE_FAR minimum distance."""
+    q_doc: Optional[torch.Tensor] = None
+    """int64 [B, Tq] document of each query token, or None (no document test)."""
+    k_doc: Optional[torch.Tensor] = None
+    """int64 [B, Tk] document of each key token (-1: padding, never attended)."""
+
+    @property
+    def nnz(self) -> int:
+        return int(self.kv_block.numel())
+
+    def row_index(self, b: int, g: int, qb: int) -> int:
+        return (b * self.groups + g) * self.num_q_blocks + qb
+
+    def transpose(self) -> "TransposedLayout":
+        """For each key block, the query blocks that read it (for the dK/dV pass), in CSR."""
+        rows = torch.repeat_interleave(
+            torch.arange(self.indptr.numel() - 1, device=self.indptr.device),
+            self.indptr[1:] - self.indptr[:-1])
+        bg = rows // self.num_q_blocks
+        qb = rows % self.num_q_blocks
+        col_row = bg * self.num_k_blocks + self.kv_block.long()
+        order = torch.argsort(col_row * self.num_q_blocks + qb, stable=True)
+        counts = torch.bincount(col_row, minlength=self.batch * self.groups * self.num_k_blocks)
+        indptr = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
+        indptr[1:] = torch.cumsum(counts, 0)
+        return TransposedLayout(indptr=indptr, q_block_idx=qb[order].to(torch.int32),
+                                mode=self.mode[order], forward=self)
+
+    def token_mask(self) -> torch.Tensor:
+        """Dense bool mask [B, G, Tq, Tk] implied by the layout (tests and small sizes only)."""
+        B, G, NQ = self.batch, self.groups, self.num_q_blocks
+        Tq, Tk = NQ * self.q_block, self.num_k_blocks * self.k_block
+        dev = self.indptr.device
+        block_mask = torch.zeros(B, G, NQ, self.num_k_blocks, dtype=torch.int8, device=dev) - 1
+        rows = torch.repeat_interleave(torch.arange(B * G * NQ, device=dev),
+                                       self.indptr[1:] - self.indptr[:-1])
+        block_mask.view(-1, self.num_k_blocks)[rows, self.kv_block.long()] = self.mode
+        tile = block_mask.repeat_interleave(self.q_block, 2).repeat_interleave(self.k_block, 3)
+        delta = self.q_pos[:, None, :, None] - self.k_pos[:, None, None, :]
+        allowed = ((tile == MODE_FULL)
+                   | ((tile == MODE_CAUSAL) & (delta >= 0))
+                   | ((tile == MODE_WINDOW) & (delta >= 0) & (delta < self.window))
+                   | ((tile == MODE_FAR) & (delta >= self.far)))
+        if self.q_doc is not None and self.k_doc is not None:
+            same = (self.q_doc[:, :, None] == self.k_doc[:, None, :]) & (self.k_doc[:, None, :] >= 0)
+            allowed &= same[:, None]
+        return allowed[..., :Tq, :Tk]
+
+    def to(self, device) -> "BlockLayout":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, indptr=move(self.indptr), kv_block=move(self.kv_block),
+                       mode=move(self.mode), q_pos=move(self.q_pos), k_pos=move(self.k_pos),
+                       q_doc=move(self.q_doc), k_doc=move(self.k_doc))
+
+
+@dataclass
+class TransposedLayout:
+    """CSR over (b, g, key block): the query blocks reading that key block, with their modes."""
+
+    indptr: torch.Tensor
+    """int64 [B * G * NK + 1]."""
+    q_block_idx: torch.Tensor
+    """int32 [nnz]."""
+    mode: torch.Tensor
+    """int8 [nnz]."""
+    forward: BlockLayout

@@ -1,0 +1,63 @@
+"""Decoder shape (Llama / Qwen2 family)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dcwdist.model.rope import RopeConfig
+
+
+@dataclass
+class ModelConfig:
+    """Llama/Qwen2-style decoder: RMSNorm, RoPE, SwiGLU, GQA."""
+
+    vocab_size: int = 32000
+    """Embedding rows (the tokenizer's vocabulary, padded up as you like)."""
+    dim: int = 768
+    """Hidden size."""
+    n_layers: int = 12
+    """Decoder layers."""
+    n_heads: int = 12
+    """Query heads."""
+    n_kv_heads: int = 4
+    """Key/value heads (GQA); must divide n_heads."""
+    ffn_dim: int = 0
+    """SwiGLU inner size; 0 picks round_up(8/3 * dim, 64)."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output projection."""
+    qkv_bias: bool = False
+    """Bias on q/k/v projections (Qwen2 has it, Llama not)."""
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    """Rotary embedding; stages may override it."""
+    activation_checkpointing: bool = False
+    """Recompute each layer in backward instead of storing its activations."""
+    init_std: float = 0.02
+    """Std of the normal init of linear and embedding weights."""
+    loss_chunk: int = 2048
+    """Tokens per chunk of the fused output projection + cross-entropy."""
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError("model head_dim (dim / n_heads) must be even for RoPE")
+        if self.ffn_dim == 0:
+            self.ffn_dim = ((8 * self.dim // 3) + 63) // 64 * 64
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def num_params(self) -> int:
+        """Parameter count without building the model."""
+        d, hd = self.dim, self.head_dim
+        attn = d * (self.n_heads * hd) * 2 + d * (self.n_kv_heads * hd) * 2
+        if self.qkv_bias:
+            attn += (self.n_heads + 2 * self.n_kv_heads) * hd
+        layer = attn + 3 * d * self.ffn_dim + 2 * d
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.n_layers * layer + emb + d

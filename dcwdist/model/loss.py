@@ -1,0 +1,65 @@
+"""Output projection fused with cross-entropy, in chunks: the [T, vocab] logits never exist at once.
+
+The forward computes, chunk by chunk, the summed token losses and their gradients with respect
+to the hidden states and the output weight (the Liger / Cut-Cross-Entropy idea); the backward
+only scales them. Peak memory is one chunk of logits instead of all of them.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_ND, weight_VD, labels_N, chunk: int):
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden_ND.device)
+        grad_h = torch.zeros_like(hidden_ND) if needs_grad else None
+        grad_w = torch.zeros_like(weight_VD, dtype=torch.float32) if needs_grad else None
+        for s in range(0, hidden_ND.shape[0], chunk):
+            h = hidden_ND[s:s + chunk]
+            y = labels_N[s:s + chunk]
+            valid = y >= 0
+            if not bool(valid.any()):
+                continue
+            logits = (h @ weight_VD.t()).float()  # [C, V]
+            lse = torch.logsumexp(logits, dim=-1)
+            y_safe = y.clamp_min(0)
+            picked = logits.gather(1, y_safe[:, None])[:, 0]
+            total = total + ((lse - picked) * valid).sum()
+            if needs_grad:
+                # d(sum loss)/d logits = softmax - onehot, zero on ignored rows.
+                g = torch.softmax(logits, dim=-1)
+                g[torch.arange(len(y), device=y.device), y_safe] -= 1.0
+                g *= valid[:, None]
+                g = g.to(h.dtype)
+                grad_h[s:s + chunk] = g @ weight_VD
+                grad_w += (g.t() @ h).float()
+        if needs_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(weight_VD.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None
+
+
+def chunked_cross_entropy_sum(hidden_BTD: torch.Tensor, weight_VD: torch.Tensor,
+                              labels_BT: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Sum over tokens of CE(hidden @ weight.T, label); labels < 0 are ignored. Returns fp32 scalar.
+
+    Divide by the (global) count of loss tokens yourself: the mean's denominator is a
+    data-parallel decision, not this function's.
+    """
+    D = hidden_BTD.shape[-1]
+    return _ChunkedLinearCE.apply(hidden_BTD.reshape(-1, D), weight_VD,
+                                  labels_BT.reshape(-1), chunk)
+
+
+def full_cross_entropy_sum(hidden_BTD, weight_VD, labels_BT) -> torch.Tensor:
+    """Unchunked reference: materialises every logit."""
+    logits = (hidden_BTD @ weight_VD.t()).float()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels_BT.reshape(-1), ignore_index=-100,
+        reduction="sum")

@@ -1,0 +1,133 @@
+"""Llama/Qwen2-style decoder whose attention pattern is pluggable (`attention.kind`).
+
+Legend: B batch, T tokens, D model dim, H query heads, K kv heads, E head dim, V vocab.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dcwdist.attention import AttentionConfig, AttnContext, build_attention
+from dcwdist.model.config import ModelConfig
+from dcwdist.model.loss import chunked_cross_entropy_sum
+from dcwdist.model.rope import RopeConfig, apply_rope, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn_cfg: AttentionConfig, layer_idx: int):
+        super().__init__()
+        E = cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, E
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * E, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * E, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * E, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * E, cfg.dim, bias=False)
+        self.attn = build_attention(attn_cfg, layer_idx, cfg.n_heads, cfg.n_kv_heads, E)
+
+    def forward(self, x_BTD, cos, sin, ctx: AttnContext):
+        B, T, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out_BTHE = self.attn(q, k, v, ctx)
+        return self.o_proj(out_BTHE.reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn_cfg: AttentionConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = SelfAttention(cfg, attn_cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, cos, sin, ctx: AttnContext):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. `forward` returns final hidden states; `loss_sum` the summed token CE.
+
+    `segmenter` (optional) runs once per forward on the input embeddings and fills the context's
+    tiers/scores for the DCW layers (DESIGN.md "Scores -> tiers").
+    """
+
+    def __init__(self, cfg: ModelConfig, attn_cfg: AttentionConfig,
+                 segmenter: Optional[nn.Module] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.attn_cfg = attn_cfg
+        self.rope_cfg: RopeConfig = cfg.rope
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, attn_cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.segmenter = segmenter
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for name, p in self.named_parameters():
+            if name.startswith("segmenter."):
+                continue
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=self.cfg.init_std)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def set_rope(self, rope: RopeConfig) -> None:
+        """Switch RoPE settings (a progressive stage changes base or scaling)."""
+        self.rope_cfg = rope
+
+    def forward(self, tokens_BT: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        h = self.embed_tokens(tokens_BT)
+        if self.segmenter is not None:
+            self.segmenter(h, tokens_BT, ctx)
+        cos, sin = rope_cos_sin(self.rope_cfg, self.cfg.head_dim, ctx.positions, h.dtype)
+        for layer in self.layers:
+            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, ctx)
+        return self.norm(h)
+
+    def loss_sum(self, hidden_BTD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        """Summed next-token CE over labels >= 0, chunked so the logits never exist in full."""
+        return chunked_cross_entropy_sum(hidden_BTD, self.output_weight, labels_BT,
+                                         self.cfg.loss_chunk)
+
+    def logits(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
+        """Full logits (evaluation / generation on short spans only)."""
+        return hidden_BTD @ self.output_weight.t()
