@@ -36,9 +36,15 @@ class SyntheticRows:
             if room < self.min_chars:
                 break
             n_chars = int(rng.integers(self.min_chars, min(self.max_chars, room) + 1))
-            ex = make_example(self.seed, index * 1000 + slot, n_chars, self.cfg.num_facts,
-                              self.cfg.specificity)
-            seg = encode_example(self.tok, ex)
+            # The generator overshoots its target by up to a few sentences: shrink and retry.
+            for _ in range(4):
+                ex = make_example(self.seed, index * 1000 + slot, n_chars, self.cfg.num_facts,
+                                  self.cfg.specificity)
+                seg = encode_example(self.tok, ex)
+                over = used + len(seg) - self.seq_len
+                if over <= 0 or n_chars <= 16:
+                    break
+                n_chars = max(16, n_chars - over - 16)
             if used + len(seg) > self.seq_len:
                 break
             segments.append(seg)

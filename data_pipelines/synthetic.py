@@ -56,7 +56,7 @@ def make_example(seed: int, index: int, doc_chars: int, num_facts: int = 4,
     values = [str(rng.integers(1000, 10000)) for _ in range(num_facts)]
     target = int(rng.integers(num_facts))
     # Sections are built first so facts can land anywhere, then filled up to the length.
-    num_sections = max(num_facts, doc_chars // 400)
+    num_sections = max(1, doc_chars // 400)
     fact_section = rng.choice(num_sections, size=num_facts, replace=num_sections < num_facts)
     per_section = max(1, doc_chars // num_sections)
     parts: list[str] = []
@@ -74,7 +74,8 @@ def make_example(seed: int, index: int, doc_chars: int, num_facts: int = 4,
         slot = int(rng.integers(0, 3))
         n = 0
         while pos - body_start < per_section or facts_here:
-            if facts_here and n >= slot:
+            # Over budget, pending facts go in without more filler (keeps lengths near target).
+            if facts_here and (n >= slot or pos - body_start >= per_section):
                 f = facts_here.pop(0)
                 sent = f"The {TOPICS[topics[f]]} value of {keys[f]} is {values[f]}. "
                 if f == target:

@@ -24,11 +24,12 @@ def masked_attention(q_BTHD: torch.Tensor, k_BSKD: torch.Tensor, v_BSKD: torch.T
     scale = q_BTHD.shape[-1] ** -0.5 if scale is None else scale
     k = k_BSKD.repeat_interleave(H // Hkv, dim=2)
     v = v_BSKD.repeat_interleave(H // Hkv, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q_BTHD.float(), k.float()) * scale
+    acc = torch.promote_types(q_BTHD.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
+    scores = torch.einsum("bqhd,bkhd->bhqk", q_BTHD.to(acc), k.to(acc)) * scale
     scores = scores.masked_fill(~mask_BQK[:, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, H, Tq]
     probs = torch.exp(scores - lse.clamp_min(-1e30)[..., None]).nan_to_num(0.0)
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float())
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(acc))
     return out.to(q_BTHD.dtype), lse
 
 
@@ -66,5 +67,6 @@ def merge_by_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     wa = torch.exp(lse_a - safe).nan_to_num(0.0).transpose(1, 2)[..., None]
     wb = torch.exp(lse_b - safe).nan_to_num(0.0).transpose(1, 2)[..., None]
-    out = out_a.float() * wa + out_b.float() * wb
+    acc = torch.promote_types(out_a.dtype, torch.float32)
+    out = out_a.to(acc) * wa + out_b.to(acc) * wb
     return out.to(out_a.dtype), lse

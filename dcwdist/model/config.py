@@ -45,8 +45,13 @@ class ModelConfig:
                 f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})")
         if (self.dim // self.n_heads) % 2:
             raise ValueError("model head_dim (dim / n_heads) must be even for RoPE")
-        if self.ffn_dim == 0:
-            self.ffn_dim = ((8 * self.dim // 3) + 63) // 64 * 64
+        if self.ffn_dim < 0:
+            raise ValueError(f"model.ffn_dim must be >= 0, got {self.ffn_dim}")
+
+    @property
+    def ffn_hidden(self) -> int:
+        """SwiGLU inner size actually used (derived, so overriding dim keeps it consistent)."""
+        return self.ffn_dim or ((8 * self.dim // 3) + 63) // 64 * 64
 
     @property
     def head_dim(self) -> int:
@@ -58,6 +63,6 @@ class ModelConfig:
         attn = d * (self.n_heads * hd) * 2 + d * (self.n_kv_heads * hd) * 2
         if self.qkv_bias:
             attn += (self.n_heads + 2 * self.n_kv_heads) * hd
-        layer = attn + 3 * d * self.ffn_dim + 2 * d
+        layer = attn + 3 * d * self.ffn_hidden + 2 * d
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.n_layers * layer + emb + d

@@ -13,16 +13,17 @@ class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, labels_N, chunk: int):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=torch.float32, device=hidden_ND.device)
+        acc = torch.promote_types(hidden_ND.dtype, torch.float32)  # fp32 at least
+        total = torch.zeros((), dtype=acc, device=hidden_ND.device)
         grad_h = torch.zeros_like(hidden_ND) if needs_grad else None
-        grad_w = torch.zeros_like(weight_VD, dtype=torch.float32) if needs_grad else None
+        grad_w = torch.zeros_like(weight_VD, dtype=acc) if needs_grad else None
         for s in range(0, hidden_ND.shape[0], chunk):
             h = hidden_ND[s:s + chunk]
             y = labels_N[s:s + chunk]
             valid = y >= 0
             if not bool(valid.any()):
                 continue
-            logits = (h @ weight_VD.t()).float()  # [C, V]
+            logits = (h @ weight_VD.t()).to(acc)  # [C, V]
             lse = torch.logsumexp(logits, dim=-1)
             y_safe = y.clamp_min(0)
             picked = logits.gather(1, y_safe[:, None])[:, 0]
@@ -34,7 +35,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 g *= valid[:, None]
                 g = g.to(h.dtype)
                 grad_h[s:s + chunk] = g @ weight_VD
-                grad_w += (g.t() @ h).float()
+                grad_w += (g.t() @ h).to(acc)
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight_VD.dtype))
         return total
@@ -59,7 +60,7 @@ def chunked_cross_entropy_sum(hidden_BTD: torch.Tensor, weight_VD: torch.Tensor,
 
 def full_cross_entropy_sum(hidden_BTD, weight_VD, labels_BT) -> torch.Tensor:
     """Unchunked reference: materialises every logit."""
-    logits = (hidden_BTD @ weight_VD.t()).float()
+    logits = (hidden_BTD @ weight_VD.t()).to(torch.promote_types(hidden_BTD.dtype, torch.float32))
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels_BT.reshape(-1), ignore_index=-100,
         reduction="sum")

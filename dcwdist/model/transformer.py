@@ -67,7 +67,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = SelfAttention(cfg, attn_cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
     def forward(self, x, cos, sin, ctx: AttnContext):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)

@@ -1,0 +1,1 @@
+"""Training: stages, optimizer, checkpoints, logging and the trainer loop."""
