@@ -9,9 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcwdist.attention.caa import CAAAttention
 from dcwdist.attention.config import AttentionConfig
 from dcwdist.attention.context import AttnContext
+from dcwdist.attention.dcw import DCWAttention
+from dcwdist.attention.executor import attend_layout, merge_partials
+from dcwdist.attention.layouts import (ROW_CAUSAL, ROW_WINDOW, compact_far_layout, doc_position,
+                                       local_layout, pad_doc)
 from dcwdist.attention.reference import chunked_local_attention
+from dcwdist.attention.topk import BlockTopkAttention
 
 
 class AttentionKind(nn.Module):
@@ -27,6 +33,8 @@ class DenseAttention(AttentionKind):
     """Full causal attention within each document."""
 
     def forward(self, q, k, v, ctx: AttnContext):
+        if self.cfg.impl == "triton":
+            return _run_local(self.cfg, q, k, v, ctx, ROW_CAUSAL, 0)
         single_doc = bool((ctx.doc_ids == ctx.doc_ids[:, :1]).all())
         if single_doc:
             # One document per row: plain causal SDPA (flash/cuDNN on GPU, exact on CPU).
@@ -42,19 +50,65 @@ class WindowAttention(AttentionKind):
     """Causal sliding window (i - j < attention.window) within each document."""
 
     def forward(self, q, k, v, ctx: AttnContext):
+        if self.cfg.impl == "triton":
+            return _run_local(self.cfg, q, k, v, ctx, ROW_WINDOW, self.cfg.window)
         out, _ = chunked_local_attention(q, k, v, ctx.doc_ids, self.cfg.window,
                                          self.cfg.chunk_size)
         return out
 
 
-ATTENTION_KINDS: dict[str, type[AttentionKind]] = {
+def _run_local(cfg: AttentionConfig, q, k, v, ctx: AttnContext, row_kind: int, window: int):
+    """dense / window through a layout (the kernel path); the layout is cached for all layers."""
+    key = ("local", cfg.block_size, row_kind, window)
+    if key not in ctx.cache:
+        rows = torch.full_like(ctx.doc_ids[:, ::cfg.block_size], row_kind)
+        ctx.cache[key] = local_layout(ctx.doc_ids, cfg.block_size, rows, window)
+    out, _ = attend_layout(q, k, v, ctx.cache[key], None, cfg.impl, cfg.chunk_size)
+    return out
+
+
+def static_sparse_layouts(cfg: AttentionConfig, ctx: AttnContext):
+    """(window layout, global layout over the compact first-num_global-tokens set, gather index).
+
+    Global keys are read only at i - j >= window (MODE_FAR), disjoint from the window, so the
+    two partial softmaxes merge by LSE into one.
+    """
+    key = ("static_sparse", cfg.block_size, cfg.window, cfg.num_global)
+    if key not in ctx.cache:
+        blk, doc = cfg.block_size, ctx.doc_ids
+        rows = torch.full_like(doc[:, ::blk], ROW_WINDOW)
+        local = local_layout(doc, blk, rows, cfg.window)
+        glob_sel = doc_position(pad_doc(doc, blk)) < cfg.num_global
+        glob, idx = compact_far_layout(doc, blk, glob_sel, rows == ROW_WINDOW, cfg.window)
+        ctx.cache[key] = (local, glob, idx)
+    return ctx.cache[key]
+
+
+class StaticSparseAttention(AttentionKind):
+    """Window `window` plus the first `num_global` tokens of each document, one softmax."""
+
+    def forward(self, q, k, v, ctx: AttnContext):
+        cfg = self.cfg
+        local, glob, idx = static_sparse_layouts(cfg, ctx)
+        bi = torch.arange(q.shape[0], device=q.device)[:, None]
+        out, _ = merge_partials([
+            attend_layout(q, k, v, local, None, cfg.impl, cfg.chunk_size),
+            attend_layout(q, k[bi, idx], v[bi, idx], glob, None, cfg.impl, cfg.chunk_size)])
+        return out
+
+
+ATTENTION_KINDS: dict[str, type[nn.Module]] = {
     "dense": DenseAttention,
     "window": WindowAttention,
+    "static_sparse": StaticSparseAttention,
+    "block_topk": BlockTopkAttention,
+    "caa": CAAAttention,
+    "dcw": DCWAttention,
 }
 
 
 def build_attention(cfg: AttentionConfig, layer_idx: int, n_heads: int, n_kv_heads: int,
-                    head_dim: int) -> AttentionKind:
+                    head_dim: int) -> nn.Module:
     if cfg.kind not in ATTENTION_KINDS:
         raise ValueError(f"attention.kind={cfg.kind} is not available; available: "
                          f"{', '.join(sorted(ATTENTION_KINDS))}")

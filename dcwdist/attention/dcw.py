@@ -1,0 +1,129 @@
+"""DCW attention: tiered local pattern plus the gated cross-tier residual to core summaries.
+
+Shapes: q_BTHD [B, T, H, D] post-RoPE; k_BTKD / v_BTKD [B, T, Hkv, D]; tiers [B, NB], NB = T / blk.
+
+Per query token i of block b (DESIGN.md, "The attention contract"):
+  core        every earlier key of its document                      (layout `local`, causal rows)
+  background  i - j < window                                          (layout `local`, window rows)
+  buffer      i - j < buffer_window  (layout `buffer`)  +  strided keys j = 0 mod stride from the
+              document start with j <= i - buffer_window (layout `strided`, a compact gathered key
+              set read with MODE_FAR) -- the three partial softmaxes are disjoint and merge by LSE
+              into one softmax.
+  non-core    + alpha_layer * CrossAttn(q_i, S_b): its own softmax over the pooled K/V of core
+              blocks of the same document that end before b starts (layout `summary`).
+
+Differentiable path to the scorer: when ctx.block_scores (soft, with grad) is given, every core
+block's summary values are multiplied by w = 1 + s - s.detach() (a straight-through weight: the
+value is exactly 1, so outputs do not change, but dL/ds = sum over its summaries of
+<dL/dV_summary, V_summary>), which is how L_task reaches the scorer through the cross-tier.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dcwdist.attention.config import AttentionConfig
+from dcwdist.attention.context import TIER_BACKGROUND, TIER_BUFFER, TIER_CORE, AttnContext
+from dcwdist.attention.executor import attend_layout, merge_partials
+from dcwdist.attention.layout import BlockLayout
+from dcwdist.attention.layouts import (ROW_CAUSAL, ROW_NONE, ROW_WINDOW, compact_far_layout,
+                                       doc_position, local_layout, pad_doc, summary_layout)
+
+
+@dataclass
+class DCWPlan:
+    """Layouts of one forward, built once from the tiers and shared by every layer."""
+
+    local: BlockLayout
+    """Core rows: causal prefix; background rows: window `window` (full key sequence)."""
+    buffer: BlockLayout
+    """Buffer rows: window `buffer_window` (full key sequence)."""
+    strided: BlockLayout
+    """Buffer rows over the compact strided key set, MODE_FAR far = buffer_window."""
+    strided_idx: torch.Tensor
+    """[B, S] token index of each compact strided key."""
+    summary: BlockLayout
+    """Non-core rows over the compact core-summary set (MODE_FULL, whole core blocks)."""
+    core_idx: torch.Tensor
+    """[B, NC] block index of each compact core block (the summary layout's key blocks)."""
+    core_valid: torch.Tensor
+    """[B, NC] False for padding slots."""
+    tiers: torch.Tensor
+    """[B, NB] the tiers the plan was built from."""
+
+
+def build_dcw_plan(cfg: AttentionConfig, doc_BT: torch.Tensor, tiers_BN: torch.Tensor) -> DCWPlan:
+    blk = cfg.block_size
+    NB = -(-doc_BT.shape[1] // blk)
+    if tiers_BN.shape != (doc_BT.shape[0], NB):
+        raise ValueError(f"ctx.tiers must be [B, T / block_size] = {(doc_BT.shape[0], NB)}, "
+                         f"got {tuple(tiers_BN.shape)}")
+    core, buffer = tiers_BN == TIER_CORE, tiers_BN == TIER_BUFFER
+    background = tiers_BN == TIER_BACKGROUND
+    row_kind = torch.where(core, ROW_CAUSAL, torch.where(background, ROW_WINDOW, ROW_NONE))
+    local = local_layout(doc_BT, blk, row_kind, cfg.window)
+    buf = local_layout(doc_BT, blk, torch.where(buffer, ROW_WINDOW, ROW_NONE), cfg.buffer_window)
+    doc = pad_doc(doc_BT, blk)
+    strided_sel = doc_position(doc) % cfg.stride == 0
+    strided, strided_idx = compact_far_layout(doc_BT, blk, strided_sel, buffer, cfg.buffer_window)
+    summary, core_idx, core_valid = summary_layout(doc_BT, blk, core, ~core, cfg.summary_pool)
+    return DCWPlan(local, buf, strided, strided_idx, summary, core_idx, core_valid, tiers_BN)
+
+
+def dcw_plan(cfg: AttentionConfig, ctx: AttnContext) -> DCWPlan:
+    """The forward's plan from ctx.cache, built on first use (layer 0) and reused by the rest."""
+    if ctx.tiers is None:
+        raise ValueError("attention.kind='dcw' needs ctx.tiers ([B, T / block_size] TIER_* per "
+                         "block, from the scorer); got ctx.tiers=None")
+    key = ("dcw_plan", cfg.block_size, cfg.window, cfg.buffer_window, cfg.stride,
+           cfg.summary_pool)
+    plan = ctx.cache.get(key)
+    if plan is None or plan.tiers is not ctx.tiers:
+        plan = build_dcw_plan(cfg, ctx.doc_ids, ctx.tiers)
+        ctx.cache[key] = plan
+    return plan
+
+
+def pool_summaries(x_BTKD: torch.Tensor, doc_BT: torch.Tensor, core_idx: torch.Tensor,
+                   blk: int, pool: int) -> torch.Tensor:
+    """Mean of each `pool` consecutive real tokens of the listed core blocks -> [B, NC*blk/pool, K, D]."""
+    B, T, K, D = x_BTKD.shape
+    NB = -(-T // blk)
+    x = F.pad(x_BTKD, (0, 0, 0, 0, 0, NB * blk - T)).view(B, NB, blk // pool, pool, K, D)
+    real = (pad_doc(doc_BT, blk) >= 0).view(B, NB, blk // pool, pool).to(x.dtype)
+    bi = torch.arange(B, device=x.device)[:, None]
+    x_sel, real_sel = x[bi, core_idx], real[bi, core_idx]  # [B, NC, per, pool, (K, D)]
+    pooled = (x_sel * real_sel[..., None, None]).sum(3) / real_sel.sum(3).clamp_min(1)[..., None, None]
+    return pooled.reshape(B, -1, K, D)
+
+
+class DCWAttention(nn.Module):
+    """Tiered DCW attention of one layer; owns the layer's cross-tier scale alpha (init 0)."""
+
+    def __init__(self, cfg: AttentionConfig, layer_idx: int, n_heads: int, n_kv_heads: int,
+                 head_dim: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, q_BTHD, k_BTKD, v_BTKD, ctx: AttnContext):
+        cfg, plan = self.cfg, dcw_plan(self.cfg, ctx)
+        run = lambda q, k, v, lay: attend_layout(q, k, v, lay, None, cfg.impl, cfg.chunk_size)  # noqa: E731
+        bi = torch.arange(q_BTHD.shape[0], device=q_BTHD.device)[:, None]
+        k_s, v_s = k_BTKD[bi, plan.strided_idx], v_BTKD[bi, plan.strided_idx]
+        local, _ = merge_partials([run(q_BTHD, k_BTKD, v_BTKD, plan.local),
+                                   run(q_BTHD, k_BTKD, v_BTKD, plan.buffer),
+                                   run(q_BTHD, k_s, v_s, plan.strided)])
+        blk, pool = cfg.block_size, cfg.summary_pool
+        k_sum = pool_summaries(k_BTKD, ctx.doc_ids, plan.core_idx, blk, pool)
+        v_sum = pool_summaries(v_BTKD, ctx.doc_ids, plan.core_idx, blk, pool)
+        if ctx.block_scores is not None:
+            s = ctx.block_scores.gather(1, plan.core_idx).to(v_sum.dtype)  # [B, NC]
+            weight = (1 + s - s.detach()).repeat_interleave(blk // pool, 1)  # value exactly 1
+            v_sum = v_sum * weight[:, :, None, None]
+        cross, _ = run(q_BTHD, k_sum, v_sum, plan.summary)
+        return local + self.alpha.to(local.dtype) * cross

@@ -1,0 +1,1 @@
+"""Launchers: local, Slurm, Ray, mpirun."""
