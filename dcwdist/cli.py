@@ -20,9 +20,11 @@ def cmd_train(args) -> int:
     from dcwdist.train.trainer import Trainer
 
     cfg = load_config(args.recipe, args.overrides)
-    summary = Trainer(cfg, run_dir=args.run_dir).fit()
-    print(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} over "
-          f"{summary['steps']} steps")
+    trainer = Trainer(cfg, run_dir=args.run_dir)
+    summary = trainer.fit()
+    if summary["first_loss"] is not None:
+        trainer.echo(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} over "
+                     f"{summary['steps']} steps")
     return 0
 
 

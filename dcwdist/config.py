@@ -18,6 +18,7 @@ from dcwdist.model.config import ModelConfig
 from dcwdist.parallel.config import ParallelConfig
 from dcwdist.segmentation.config import SegmentationConfig
 from dcwdist.train.checkpoint import CheckpointConfig
+from dcwdist.train.engine import ZeroConfig
 from dcwdist.train.logging import LoggingConfig
 from dcwdist.train.optim import OptimConfig
 from dcwdist.train.stages import StageConfig
@@ -40,6 +41,7 @@ class JobConfig:
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

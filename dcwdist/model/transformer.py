@@ -74,6 +74,27 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class VocabProjection(nn.Module):
+    """Token embedding and/or output projection over one [V, D] weight.
+
+    Both directions go through `forward` (integer input: lookup; hidden states: logits or, with
+    labels, the chunked summed CE), because ZeRO-3 gathers a module's weight only in its forward
+    hooks. A tied model uses one instance for both.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, loss_chunk: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim))
+        self.loss_chunk = loss_chunk
+
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not x.is_floating_point():
+            return F.embedding(x, self.weight)
+        if labels is not None:
+            return chunked_cross_entropy_sum(x, self.weight, labels, self.loss_chunk)
+        return x @ self.weight.t()
+
+
 class Transformer(nn.Module):
     """Decoder-only LM. `forward` returns final hidden states; `loss_sum` the summed token CE.
 
@@ -87,10 +108,11 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.attn_cfg = attn_cfg
         self.rope_cfg: RopeConfig = cfg.rope
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed_tokens = VocabProjection(cfg.vocab_size, cfg.dim, cfg.loss_chunk)
         self.layers = nn.ModuleList(DecoderLayer(cfg, attn_cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = (None if cfg.tie_embeddings
+                        else VocabProjection(cfg.vocab_size, cfg.dim, cfg.loss_chunk))
         self.segmenter = segmenter
         self.reset_parameters()
 
@@ -104,14 +126,17 @@ class Transformer(nn.Module):
                 nn.init.zeros_(p)
 
     @property
-    def output_weight(self) -> torch.Tensor:
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+    def head(self) -> VocabProjection:
+        return self.embed_tokens if self.lm_head is None else self.lm_head
 
     def set_rope(self, rope: RopeConfig) -> None:
         """Switch RoPE settings (a progressive stage changes base or scaling)."""
         self.rope_cfg = rope
 
-    def forward(self, tokens_BT: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    def forward(self, tokens_BT: torch.Tensor, ctx: AttnContext,
+                labels_BT: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final hidden states [B, T, D]; with labels, the summed token CE instead (so that a
+        wrapping engine such as DeepSpeed sees the whole step as one forward)."""
         h = self.embed_tokens(tokens_BT)
         if self.segmenter is not None:
             self.segmenter(h, tokens_BT, ctx)
@@ -121,13 +146,13 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, ctx)
-        return self.norm(h)
+        h = self.norm(h)
+        return h if labels_BT is None else self.loss_sum(h, labels_BT)
 
     def loss_sum(self, hidden_BTD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
         """Summed next-token CE over labels >= 0, chunked so the logits never exist in full."""
-        return chunked_cross_entropy_sum(hidden_BTD, self.output_weight, labels_BT,
-                                         self.cfg.loss_chunk)
+        return self.head(hidden_BTD, labels_BT)
 
     def logits(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
         """Full logits (evaluation / generation on short spans only)."""
-        return hidden_BTD @ self.output_weight.t()
+        return self.head(hidden_BTD)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 
 @dataclass
 class LoggingConfig:
@@ -17,6 +19,8 @@ class LoggingConfig:
     """Steps between scalar writes."""
     progress: bool = True
     """Show a progress bar (tokens/s, loss) on rank 0."""
+    peak_tflops: float = 0.0
+    """Per-device peak for MFU; 0 picks the bf16 dense peak of known GPUs (none on CPU)."""
 
 
 class ScalarLog:
@@ -38,3 +42,21 @@ class ScalarLog:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+KNOWN_PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # bf16 dense TFLOP/s per device
+
+
+def peak_tflops(configured: float, device: torch.device) -> float:
+    if configured or device.type != "cuda":
+        return configured
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in KNOWN_PEAKS.items() if k in name), 0.0)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -1,37 +1,39 @@
-"""Single-process trainer: progressive stages, AdamW + warmup/cosine, TensorBoard, final eval.
+"""The trainer: progressive stages on a DeepSpeed ZeRO engine (or plain torch for one process),
+sharded checkpoints with exact resume, TensorBoard, and a final evaluation table.
 
-The step follows DESIGN.md's loss rule: summed token losses divided by the count of loss tokens
-of the whole step (all micro-batches), so gradient accumulation gives the same update as one
-big batch. DeepSpeed and context parallelism replace `_backward_step`'s plumbing, not its maths.
+Loss rule (DESIGN.md): every rank divides its summed token losses by the step's global count of
+loss tokens (an all-reduce), so any dp layout and any gradient accumulation gives the
+single-process update. Row k of the data stream is a pure function of k, and the checkpoint
+stores the global sample index, so resume continues exactly, also with a different dp degree.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import time
-from typing import Optional
+from typing import Callable, Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from dcwdist.attention.config import AttentionConfig
 from dcwdist.config import JobConfig, dump_config
+from dcwdist.configtree import to_dict
 from dcwdist.data_pipelines.packing import Batch
 from dcwdist.data_pipelines.stream import SyntheticRows
 from dcwdist.eval.positions import context_for, format_table, loss_by_position
 from dcwdist.model.transformer import Transformer
-from dcwdist.train.checkpoint import save_model
-from dcwdist.train.logging import ScalarLog
-from dcwdist.train.optim import build_optimizer, lr_at
+from dcwdist.parallel.dims import ParallelDims
+from dcwdist.parallel.env import DistEnv, export_torch_env, read_dist_env
+from dcwdist.train.checkpoint import CheckpointManager, save_model
+from dcwdist.train.engine import build_backend
+from dcwdist.train.logging import ScalarLog, peak_memory_gib, peak_tflops
+from dcwdist.train.optim import lr_at
+from dcwdist.train.signals import StopRequest
 from dcwdist.train.stages import StageConfig
-
-
-def pick_device(cfg: JobConfig) -> torch.device:
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda requested but CUDA is not available")
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def build_model(cfg: JobConfig, attn_cfg: AttentionConfig) -> Transformer:
@@ -42,135 +44,294 @@ def build_model(cfg: JobConfig, attn_cfg: AttentionConfig) -> Transformer:
     return Transformer(cfg.model, attn_cfg, segmenter)
 
 
+def init_distributed(cfg: JobConfig, env: DistEnv, device: torch.device) -> None:
+    if not env.distributed or (dist.is_available() and dist.is_initialized()):
+        return
+    export_torch_env(env)
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if cfg.zero.enabled:
+        import deepspeed
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    else:
+        dist.init_process_group(backend)
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
 class Trainer:
-    def __init__(self, cfg: JobConfig, run_dir: Optional[str] = None, echo=print):
+    def __init__(self, cfg: JobConfig, run_dir: Optional[str] = None, echo: Callable = print):
         self.cfg = cfg
-        self.echo = echo
+        self.env = read_dist_env()
+        self.rank = self.env.rank
+        self.is_main = self.rank == 0
+        self.echo = echo if self.is_main else (lambda *a, **k: None)
+        if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+            torch.cuda.set_device(self.env.local_rank)
+            self.device = torch.device("cuda", self.env.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        init_distributed(cfg, self.env, self.device)
+        self.world_size = self.env.world_size
         self.run_dir = run_dir or cfg.logging.run_dir.format(name=cfg.name)
-        os.makedirs(self.run_dir, exist_ok=True)
-        dump_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-        self.device = pick_device(cfg)
-        use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        if self.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            dump_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         torch.manual_seed(cfg.seed)
-        # One AttentionConfig object shared by every layer; stages edit it in place.
+        # One AttentionConfig shared by every layer; stages edit it in place.
         self.attn_cfg = AttentionConfig(**vars(cfg.attention))
         self.model = build_model(cfg, self.attn_cfg).to(self.device)
         self.scorer_only = cfg.attention.kind == "dcw" and cfg.segmentation.phase == "scorer"
         if self.scorer_only:  # phase 1: only the scorer learns, from its labels
             for name, p in self.model.named_parameters():
                 p.requires_grad_(name.startswith("segmenter."))
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.backend = None
+        self.dims: Optional[ParallelDims] = None
         self.total_steps = sum(s.steps for s in cfg.stages)
         self.step = 0
+        self.stage_index, self.stage_step = 0, 0
         self.sample_index = 0  # global row index into the data stream
-        self.log = ScalarLog(os.path.join(self.run_dir, "tb") if cfg.logging.tensorboard else None)
+        self.ckpt = CheckpointManager(cfg.checkpoint, cfg.checkpoint.dir or
+                                      os.path.join(self.run_dir, "checkpoints"), self.rank, self.echo)
+        self.log = ScalarLog(os.path.join(self.run_dir, "tb")
+                             if cfg.logging.tensorboard and self.is_main else None)
         self.history: list[dict] = []
+        self.peak_tflops = peak_tflops(cfg.logging.peak_tflops, self.device)
+
+    @property
+    def module(self) -> Transformer:
+        return self.backend.module if self.backend is not None else self.model
 
     # -- stages ---------------------------------------------------------------------------
     def apply_stage(self, stage: StageConfig) -> SyntheticRows:
+        """Switch attention settings, RoPE, parallel layout and batch shape to `stage`."""
         for key, value in self.cfg.stage_attention(stage).__dict__.items():
             setattr(self.attn_cfg, key, value)
         self.model.set_rope(stage.rope or self.cfg.model.rope)
+        cp = stage.cp or self.cfg.parallel.cp
+        if self.dims is None or self.dims.cp != cp:
+            self.dims = ParallelDims.build(self.world_size, cp, self.rank)
+            if cp > 1:
+                raise NotImplementedError(
+                    f"stage {stage.label}: cp={cp} needs the context-parallel attention path, "
+                    "which this build does not have yet; use cp=1")
+        rows = stage.rows_per_step(self.dims.dp)
+        if rows % self.dims.dp:
+            raise ValueError(f"stage {stage.label}: {rows} rows per step do not split over "
+                             f"dp={self.dims.dp} ranks; adjust batch_tokens")
+        self.rows_per_rank = rows // self.dims.dp
+        self.micro = min(stage.micro_batch_size, self.rows_per_rank)
+        if self.rows_per_rank % self.micro:
+            raise ValueError(f"stage {stage.label}: {self.rows_per_rank} rows per rank are not a "
+                             f"multiple of micro_batch_size={self.micro}")
+        grad_accum = self.rows_per_rank // self.micro
+        if self.backend is None:
+            self.backend = build_backend(self.model, self.cfg.zero, self.cfg.optim, self.micro,
+                                         grad_accum, self.bf16, self.world_size)
+        else:
+            self.backend.set_stage(self.micro, grad_accum)
         align = self.attn_cfg.block_size if self.attn_cfg.block_based else 1
         return SyntheticRows(self.cfg.data, stage.seq_len, align)
 
     # -- one optimizer step ---------------------------------------------------------------
+    def _autocast(self):
+        # DeepSpeed's bf16 mode casts the module itself; plain torch uses autocast.
+        enabled = self.bf16 and self.backend.name == "torch"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
     def _forward(self, batch: Batch):
         ctx = context_for(batch)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                            enabled=self.autocast_dtype is not None):
+        module = self.module
+        with self._autocast():
             if self.scorer_only:
-                self.model.segmenter(self.model.embed_tokens(batch.tokens), batch.tokens, ctx)
+                module.segmenter(module.embed_tokens(batch.tokens), batch.tokens, ctx)
                 return None, ctx
-            hidden = self.model(batch.tokens, ctx)
-            return self.model.loss_sum(hidden, batch.labels), ctx
+            return self.backend(batch.tokens, ctx, batch.labels), ctx
+
+    def _check_finite(self, value: torch.Tensor, stage: StageConfig, what: str) -> None:
+        bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0])
+        if float(_all_reduce(bad)) > 0:  # every rank stops together
+            raise FloatingPointError(f"non-finite {what} at step {self.step + 1} "
+                                     f"(stage {stage.label}); stopping")
 
     def train_step(self, batch: Batch, stage: StageConfig) -> dict:
+        """One optimizer step on this rank's rows `batch` (rows_per_rank of them)."""
         lr = lr_at(self.step, self.total_steps, self.cfg.optim)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        num_loss_tokens = max(1, batch.num_loss_tokens)  # the step's global denominator
-        rows = batch.tokens.shape[0]
-        mb = stage.micro_batch_size
-        task_sum, metrics = 0.0, {}
-        for s in range(0, rows, mb):
-            micro = batch.slice_rows(s, s + mb).to(self.device)
+        self.backend.set_lr(lr)
+        rows_global = batch.tokens.shape[0] * (self.dims.dp if self.dims else 1)
+        count = _all_reduce(torch.tensor([float(batch.num_loss_tokens)]))
+        num_loss_tokens = max(1.0, float(count))  # the step's global denominator
+        task_sum = torch.zeros(1, dtype=torch.float64)
+        metrics: dict[str, float] = {}
+        for s in range(0, batch.tokens.shape[0], self.micro):
+            micro = batch.slice_rows(s, s + self.micro).to(self.device)
+            share = micro.tokens.shape[0] / rows_global
             loss_sum, ctx = self._forward(micro)
             loss = torch.zeros((), device=self.device)
             if loss_sum is not None:
-                loss = loss + loss_sum / num_loss_tokens
+                loss = loss + loss_sum.float() / num_loss_tokens
                 task_sum += float(loss_sum.detach())
             for value in ctx.cache.get("aux_losses", {}).values():
-                loss = loss + value * (micro.tokens.shape[0] / rows)
+                loss = loss + value * share
             for key, value in ctx.cache.get("metrics", {}).items():
-                metrics[key] = metrics.get(key, 0.0) + float(value) * micro.tokens.shape[0] / rows
-            if loss.requires_grad:
-                loss.backward()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        clip = self.cfg.optim.grad_clip or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        if not torch.isfinite(torch.tensor(grad_norm)) or task_sum != task_sum:
-            raise FloatingPointError(f"non-finite loss or gradient at step {self.step} "
-                                     f"(stage {stage.label})")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+                metrics[key] = metrics.get(key, 0.0) + float(value) * micro.tokens.shape[0]
+            self._check_finite(loss.detach().cpu(), stage, "loss")
+            self.backend.backward(loss)
+        grad_norm = self.backend.step()
+        self._check_finite(torch.tensor([grad_norm]), stage, "gradient norm")
         self.step += 1
-        out = {"loss": task_sum / num_loss_tokens, "lr": lr, "grad_norm": grad_norm}
-        out.update({f"scorer/{k}": v for k, v in metrics.items()})
+        self.stage_step += 1
+        sums = _all_reduce(torch.tensor([float(task_sum)] + list(metrics.values()),
+                                        dtype=torch.float64))
+        out = {"loss": float(sums[0]) / num_loss_tokens, "lr": lr, "grad_norm": grad_norm,
+               "loss_tokens": num_loss_tokens}
+        out.update({f"scorer/{k}": float(v) / rows_global for k, v in zip(metrics, sums[1:])})
         return out
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _client_state(self) -> dict:
+        return {"step": self.step, "stage": self.stage_index, "stage_step": self.stage_step,
+                "sample_index": self.sample_index, "world_size": self.world_size,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "numpy": np.random.get_state()}}
+
+    def save_checkpoint(self) -> str:
+        extra = {"config.yaml": json.dumps(to_dict(self.cfg), indent=1)}
+        if hasattr(self.backend, "ds_config"):
+            extra["ds_config.json"] = json.dumps(self.backend.ds_config, indent=1)
+        tag = self.ckpt.save(self.backend, self.step, self._client_state(), extra)
+        self.echo(f"saved checkpoint {tag} (step {self.step}, stage {self.stage_index})")
+        return tag
+
+    def _restore(self, state: dict) -> None:
+        self.step, self.stage_index = state["step"], state["stage"]
+        self.stage_step, self.sample_index = state["stage_step"], state["sample_index"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
 
     # -- whole job ------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg = self.cfg
+        stop = StopRequest.install()
+        try:
+            return self._fit(stop)
+        finally:
+            stop.uninstall()
+            self.log.close()
+
+    def _fit(self, stop: StopRequest) -> dict:
+        cfg = self.cfg
+        rows_src = self.apply_stage(cfg.stages[0])
         self.echo(f"dcwdist: {cfg.name}: {cfg.model.num_params() / 1e6:.2f}M params, "
-                  f"attention={cfg.attention.kind}, device={self.device}, "
-                  f"{len(cfg.stages)} stage(s), {self.total_steps} steps -> {self.run_dir}")
-        bar = tqdm(total=self.total_steps, disable=not cfg.logging.progress, unit="step",
-                   dynamic_ncols=True)
-        for i, stage in enumerate(cfg.stages):
+                  f"attention={cfg.attention.kind}, backend={self.backend.name}"
+                  f"{f' zero-{cfg.zero.stage}' if cfg.zero.enabled else ''}, "
+                  f"world={self.world_size} (dp={self.dims.dp} x cp={self.dims.cp}), "
+                  f"device={self.device}, {len(cfg.stages)} stage(s), {self.total_steps} steps"
+                  f" -> {self.run_dir}")
+        state = self.ckpt.resume(self.backend, cfg.checkpoint.resume)
+        if state is not None:
+            self._restore(state)
+            self.echo(f"resumed at step {self.step} (stage {self.stage_index}, sample "
+                      f"{self.sample_index}; saved with world size {state['world_size']})")
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", mininterval=1.0,
+                   disable=not (cfg.logging.progress and self.is_main), dynamic_ncols=True)
+        for i in range(self.stage_index, len(cfg.stages)):
+            stage = cfg.stages[i]
+            if i != self.stage_index:
+                self.stage_index, self.stage_step = i, 0
             rows_src = self.apply_stage(stage)
-            rows = stage.rows_per_step(dp=1)
             self.echo(f"stage {i} ({stage.label}): seq_len={stage.seq_len} steps={stage.steps} "
-                      f"rows/step={rows} rope={self.model.rope_cfg.scaling}"
-                      f"x{self.model.rope_cfg.factor:g}")
-            for _ in range(stage.steps):
+                      f"rows/step={self.rows_per_rank * self.dims.dp} micro={self.micro} "
+                      f"rope={self.model.rope_cfg.scaling}x{self.model.rope_cfg.factor:g}")
+            while self.stage_step < stage.steps:
                 t0 = time.perf_counter()
-                batch = rows_src.batch(self.sample_index, rows)
-                self.sample_index += rows
+                start = self.sample_index + self.dims.dp_rank * self.rows_per_rank
+                batch = rows_src.batch(start, self.rows_per_rank)
+                self.sample_index += self.rows_per_rank * self.dims.dp
                 metrics = self.train_step(batch, stage)
                 dt = time.perf_counter() - t0
-                metrics.update({"tokens_per_s": rows * stage.seq_len / dt, "stage": i,
-                                "seq_len": stage.seq_len})
+                tokens = self.rows_per_rank * self.dims.dp * stage.seq_len
+                metrics.update(self._throughput(tokens, dt, batch, stage))
+                metrics.update({"stage": i, "seq_len": stage.seq_len})
                 self.history.append({"step": self.step, **metrics})
                 if self.step % cfg.logging.log_every == 0:
                     self.log.scalars({f"train/{k}": v for k, v in metrics.items()}, self.step)
+                    self.log.scalars(self._alphas(), self.step)
                 bar.set_postfix(stage=stage.label, loss=f"{metrics['loss']:.3f}",
                                 tok_s=f"{metrics['tokens_per_s']:.0f}")
                 bar.update(1)
-            bar.write(f"stage {i} ({stage.label}) done at step {self.step}: "
-                      f"loss {self.history[-1]['loss']:.4f}" if stage.steps else
-                      f"stage {i} ({stage.label}) has no steps")
+                if self.is_main:
+                    with open(os.path.join(self.run_dir, "last_step"), "w") as f:
+                        f.write(str(self.step))
+                if stop.agreed():
+                    bar.close()
+                    self.save_checkpoint()
+                    self.echo(f"stopped by {stop.signame} at step {self.step}; checkpoint saved, "
+                              "resume with checkpoint.resume=auto")
+                    return {"steps": self.step, "stopped": True, **self._loss_summary()}
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save_checkpoint()
+            if stage.steps:
+                bar.write(f"stage {i} ({stage.label}) done at step {self.step}: "
+                          f"loss {self.history[-1]['loss']:.4f}" if self.history
+                          and self.is_main else "", end="\n" if self.is_main else "")
+                if not cfg.checkpoint.every or self.step % cfg.checkpoint.every:
+                    self.save_checkpoint()
         bar.close()
-        save_model(self.model, os.path.join(self.run_dir, "model.pt"))
-        table = self.evaluate(cfg.stages[-1])
-        self.log.close()
-        summary = {"steps": self.step, "first_loss": self.history[0]["loss"] if self.history else None,
-                   "last_loss": self.history[-1]["loss"] if self.history else None,
-                   "eval": table}
-        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
-            json.dump({**summary, "history": self.history}, f, indent=1)
+        weights = self.backend.full_state_dict()  # collective under ZeRO-3
+        if self.is_main:
+            save_model(weights, os.path.join(self.run_dir, "model.pt"))
+        table = self.evaluate(cfg.stages[-1])  # every rank: ZeRO-3 gathers weights collectively
+        summary = {"steps": self.step, "stopped": False, **self._loss_summary(), "eval": table}
+        if self.is_main:
+            with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+                json.dump({**summary, "history": self.history}, f, indent=1)
         return summary
+
+    def _loss_summary(self) -> dict:
+        return {"first_loss": self.history[0]["loss"] if self.history else None,
+                "last_loss": self.history[-1]["loss"] if self.history else None,
+                "losses": [h["loss"] for h in self.history]}
+
+    def _throughput(self, tokens: int, dt: float, batch: Batch, stage: StageConfig) -> dict:
+        """tokens/s, peak memory and MFU on dense-equivalent FLOPs (6N + causal attention)."""
+        m = self.cfg.model
+        out = {"tokens_per_s": tokens / dt, "peak_mem_gib": peak_memory_gib(self.device)}
+        if self.peak_tflops:
+            n_params = m.num_params() - m.vocab_size * m.dim * (1 if m.tie_embeddings else 2)
+            doc_lens = torch.stack([(batch.doc_ids == d).sum(1) for d in
+                                    range(int(batch.doc_ids.max()) + 1)]).double()
+            pairs = float((doc_lens * (doc_lens + 1) / 2).sum()) * self.dims.dp
+            attn = 3 * 4 * m.head_dim * m.n_heads * m.n_layers * pairs  # fwd + bwd
+            dense_flops = 6 * n_params * tokens + attn
+            out["mfu_dense_equiv"] = dense_flops / dt / (self.peak_tflops * 1e12 * self.world_size)
+        return out
+
+    def _alphas(self) -> dict:
+        out = {}
+        for i, layer in enumerate(self.module.layers):
+            alpha = getattr(layer.self_attn.attn, "alpha", None)
+            if alpha is not None and alpha.numel():  # (ZeRO-3 leaves partitioned params empty)
+                out[f"alpha/layer{i}"] = float(alpha.detach().float().reshape(-1)[0])
+        return out
 
     def evaluate(self, stage: StageConfig) -> list[dict]:
         align = self.attn_cfg.block_size if self.attn_cfg.block_based else 1
         src = SyntheticRows(self.cfg.data, stage.seq_len, align, held_out=True)
         batches = [src.batch(i, 1).to(self.device) for i in range(self.cfg.data.eval_rows)]
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                            enabled=self.autocast_dtype is not None):
-            table = loss_by_position(self.model, batches, stage.seq_len)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            table = loss_by_position(self.module, batches, stage.seq_len)
         self.echo(f"eval: loss by position within document ({self.cfg.data.eval_rows} held-out "
                   f"rows of {stage.seq_len} tokens)\n" + format_table(table))
-        with open(os.path.join(self.run_dir, "eval.json"), "w") as f:
-            json.dump(table, f, indent=1)
+        if self.is_main:
+            with open(os.path.join(self.run_dir, "eval.json"), "w") as f:
+                json.dump(table, f, indent=1)
         return table
