@@ -7,10 +7,27 @@ from typing import Literal
 
 @dataclass
 class DataConfig:
-    """Training data: the synthetic DCW generator (files and memmap shards plug in here)."""
+    """Training data: the synthetic DCW generator, prepared memmap shards, or local files."""
 
-    source: Literal["synthetic"] = "synthetic"
-    """Row source."""
+    source: Literal["synthetic", "memmap", "files"] = "synthetic"
+    """Row source: synthetic generator, a shard folder (`dcwdist data prepare`), or local files."""
+    path: str = ""
+    """memmap: the shard folder; files: a local json/jsonl/parquet/text/tsv file or folder."""
+    format: Literal["records", "cuad", "legalbench", "scrolls", "leval",
+                    "natural_questions"] = "records"
+    """How `files` are read: our record schema or one of the long-context sets' layouts."""
+    cache_dir: str = ""
+    """Parent of the shards tokenized from `files` (one <hash> folder each); empty: ~/.cache."""
+    shuffle: bool = True
+    """Shuffle memmap/files rows per epoch by `seed` (False: corpus order)."""
+    overflow: Literal["split", "truncate"] = "split"
+    """Plain documents longer than a row: split into row-sized pieces, or keep the first row."""
+    eval_fraction: float = 0.01
+    """memmap/files: fraction of documents (the last ones) held out for evaluation rows."""
+    generator: Literal["basic", "rich"] = "basic"
+    """Synthetic documents: basic fact sentences, or rich (clauses, value tables, genres)."""
+    hops: int = 1
+    """Synthetic questions: 1 = single hop; 2..4 = chains of cross-references."""
     tokenizer: str = "byte"
     """Tokenizer name (byte) or a tokenizer.json path."""
     seed: int = 1234
@@ -33,3 +50,9 @@ class DataConfig:
             raise ValueError(f"data.min_doc_len must be >= 16, got {self.min_doc_len}")
         if self.max_doc_len and self.max_doc_len < self.min_doc_len:
             raise ValueError("data.max_doc_len must be 0 or >= data.min_doc_len")
+        if self.source != "synthetic" and not self.path:
+            raise ValueError(f"data.path is required for data.source={self.source!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not 1 <= self.hops <= 4:
+            raise ValueError(f"data.hops must be in 1..4, got {self.hops}")

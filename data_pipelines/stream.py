@@ -39,7 +39,8 @@ class SyntheticRows:
             # The generator overshoots its target by up to a few sentences: shrink and retry.
             for _ in range(4):
                 ex = make_example(self.seed, index * 1000 + slot, n_chars, self.cfg.num_facts,
-                                  self.cfg.specificity)
+                                  self.cfg.specificity, style=self.cfg.generator,
+                                  hops=self.cfg.hops)
                 seg = encode_example(self.tok, ex)
                 over = used + len(seg) - self.seq_len
                 if over <= 0 or n_chars <= 16:

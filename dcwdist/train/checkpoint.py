@@ -48,7 +48,7 @@ def _manifest(path: str) -> dict:
     files = {}
     for root, _, names in os.walk(path):
         for n in names:
-            if n == "MANIFEST.json":
+            if n.startswith("MANIFEST.json"):
                 continue
             full = os.path.join(root, n)
             files[os.path.relpath(full, path)] = os.path.getsize(full)
@@ -114,9 +114,10 @@ class CheckpointManager:
             for name, text in extra.items():
                 with open(os.path.join(path, name), "w") as f:
                     f.write(text)
+            files = _manifest(path)
             tmp = os.path.join(path, "MANIFEST.json.tmp")
             with open(tmp, "w") as f:
-                json.dump({"step": step, "files": _manifest(path)}, f, indent=1)
+                json.dump({"step": step, "files": files}, f, indent=1)
             os.replace(tmp, os.path.join(path, "MANIFEST.json"))
             tmp = os.path.join(self.dir, "latest.tmp")
             with open(tmp, "w") as f:

@@ -23,7 +23,8 @@ from dcwdist.attention.config import AttentionConfig
 from dcwdist.config import JobConfig, dump_config
 from dcwdist.configtree import to_dict
 from dcwdist.data_pipelines.packing import Batch
-from dcwdist.data_pipelines.stream import SyntheticRows
+from dcwdist.data_pipelines import build_rows
+from dcwdist.data_pipelines.shards import rank_slice
 from dcwdist.eval.positions import context_for, format_table, loss_by_position
 from dcwdist.model.transformer import Transformer
 from dcwdist.parallel.dims import ParallelDims
@@ -109,7 +110,7 @@ class Trainer:
         return self.backend.module if self.backend is not None else self.model
 
     # -- stages ---------------------------------------------------------------------------
-    def apply_stage(self, stage: StageConfig) -> SyntheticRows:
+    def apply_stage(self, stage: StageConfig):
         """Switch attention settings, RoPE, parallel layout and batch shape to `stage`."""
         for key, value in self.cfg.stage_attention(stage).__dict__.items():
             setattr(self.attn_cfg, key, value)
@@ -136,8 +137,18 @@ class Trainer:
                                          grad_accum, self.bf16, self.world_size)
         else:
             self.backend.set_stage(self.micro, grad_accum)
+        return self._rows(stage.seq_len)
+
+    def _rows(self, seq_len: int, held_out: bool = False):
+        """The data source for this length; rank 0 prepares caches first, the others wait."""
         align = self.attn_cfg.block_size if self.attn_cfg.block_based else 1
-        return SyntheticRows(self.cfg.data, stage.seq_len, align)
+        if self.is_main or self.world_size == 1:
+            rows = build_rows(self.cfg.data, seq_len, align, held_out=held_out)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        if not self.is_main and self.world_size > 1:
+            rows = build_rows(self.cfg.data, seq_len, align, held_out=held_out)
+        return rows
 
     # -- one optimizer step ---------------------------------------------------------------
     def _autocast(self):
@@ -253,8 +264,8 @@ class Trainer:
                       f"rope={self.model.rope_cfg.scaling}x{self.model.rope_cfg.factor:g}")
             while self.stage_step < stage.steps:
                 t0 = time.perf_counter()
-                start = self.sample_index + self.dims.dp_rank * self.rows_per_rank
-                batch = rows_src.batch(start, self.rows_per_rank)
+                batch = rows_src.batch(*rank_slice(self.sample_index, self.rows_per_rank *
+                                                   self.dims.dp, self.dims.dp_rank, self.dims.dp))
                 self.sample_index += self.rows_per_rank * self.dims.dp
                 metrics = self.train_step(batch, stage)
                 dt = time.perf_counter() - t0
@@ -324,8 +335,7 @@ class Trainer:
         return out
 
     def evaluate(self, stage: StageConfig) -> list[dict]:
-        align = self.attn_cfg.block_size if self.attn_cfg.block_based else 1
-        src = SyntheticRows(self.cfg.data, stage.seq_len, align, held_out=True)
+        src = self._rows(stage.seq_len, held_out=True)
         batches = [src.batch(i, 1).to(self.device) for i in range(self.cfg.data.eval_rows)]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             table = loss_by_position(self.module, batches, stage.seq_len)
