@@ -106,3 +106,15 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resume_continues(tmp_path):
     assert resumed["steps"] == 60
     reference = run_train(str(tmp_path / "ref"), over)
     assert losses(resumed) == losses(reference)[stopped_at:]
+
+
+def test_resume_with_a_different_world_size_continues_the_same_loss(uninterrupted, tmp_path):
+    # Saved by 2 ranks (ZeRO-2 shards), resumed by 1: converted to a universal checkpoint.
+    full_dir, over, full = uninterrupted
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(os.path.join(full_dir, "checkpoints"), ckpt)
+    resumed = run_train(str(tmp_path / "run"), over + [f"checkpoint.dir={ckpt}",
+                                                       f"checkpoint.resume={ckpt}/step00000003"])
+    assert "world=1 (dp=1 x cp=1)" in resumed["stdout"]
+    assert "saved with world size 2" in resumed["stdout"]
+    assert losses(resumed) == pytest.approx(losses(full)[3:], rel=1e-6)

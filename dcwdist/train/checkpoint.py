@@ -74,6 +74,15 @@ def check_complete(path: str) -> Optional[str]:
     return None
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def saved_world_size(path: str) -> int:
+    with open(os.path.join(path, "MANIFEST.json")) as f:
+        return int(json.load(f).get("world_size", 1))
+
+
 def _barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -117,7 +126,8 @@ class CheckpointManager:
             files = _manifest(path)
             tmp = os.path.join(path, "MANIFEST.json.tmp")
             with open(tmp, "w") as f:
-                json.dump({"step": step, "files": files}, f, indent=1)
+                json.dump({"step": step, "world_size": _world_size(), "files": files}, f,
+                          indent=1)
             os.replace(tmp, os.path.join(path, "MANIFEST.json"))
             tmp = os.path.join(self.dir, "latest.tmp")
             with open(tmp, "w") as f:
@@ -142,13 +152,13 @@ class CheckpointManager:
             reason = check_complete(os.path.join(ckpt_dir, tag))
             if reason:
                 raise FileNotFoundError(f"checkpoint {os.path.join(ckpt_dir, tag)}: {reason}")
-            return backend.load(ckpt_dir, tag)
+            return backend.load(ckpt_dir, tag, saved_world_size(os.path.join(ckpt_dir, tag)))
         for tag in self.tags():
             path = os.path.join(self.dir, tag)
             reason = check_complete(path)
             if reason is None:
                 try:
-                    state = backend.load(self.dir, tag)
+                    state = backend.load(self.dir, tag, saved_world_size(path))
                     ok = True
                 except Exception as e:  # a corrupt shard fails inside torch.load
                     reason, ok = f"failed to load ({type(e).__name__}: {str(e)[:120]})", False

@@ -108,7 +108,7 @@ class TorchBackend:
         torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "client_state": client_state}, os.path.join(path, "state.pt"))
 
-    def load(self, ckpt_dir: str, tag: str) -> dict:
+    def load(self, ckpt_dir: str, tag: str, saved_world_size: int = 1) -> dict:
         state = torch.load(os.path.join(ckpt_dir, tag, "state.pt"), map_location="cpu",
                            weights_only=False)
         self.module.load_state_dict(state["model"])
@@ -165,11 +165,32 @@ class DeepSpeedBackend:
             with open(os.path.join(ckpt_dir, tag, "ds_config.json"), "w") as f:
                 json.dump(self.ds_config, f, indent=1)
 
-    def load(self, ckpt_dir: str, tag: str) -> dict:
+    def load(self, ckpt_dir: str, tag: str, saved_world_size: int) -> dict:
+        if saved_world_size != self.world_size and self.engine.zero_optimization_stage() > 0:
+            # Sharded optimizer state cannot be re-split directly: go through DeepSpeed's
+            # universal checkpoint (one file per parameter), converted once, kept in the tag.
+            ckpt_dir, tag = self._universal(os.path.join(ckpt_dir, tag)), "universal"
         path, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
+        self.engine._config.load_universal_checkpoint = False
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {os.path.join(ckpt_dir, tag)}")
         return client_state
+
+    def _universal(self, tag_dir: str) -> str:
+        import torch.distributed as dist
+        out = os.path.join(tag_dir, "universal")
+        if self.engine.global_rank == 0 and not os.path.isdir(os.path.join(out, "zero")):
+            import subprocess
+            import sys
+            tmp = out + ".tmp"
+            subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                            "--input_folder", tag_dir, "--output_folder", tmp,
+                            "--num_extract_workers", "1", "--num_merge_workers", "1",
+                            "--inject_missing_state"], check=True, capture_output=True)
+            os.replace(tmp, out)
+        dist.barrier()
+        self.engine._config.load_universal_checkpoint = True
+        return tag_dir
 
 
 def build_backend(model, zero: ZeroConfig, optim: OptimConfig, micro_batch: int,

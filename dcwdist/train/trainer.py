@@ -46,8 +46,14 @@ def build_model(cfg: JobConfig, attn_cfg: AttentionConfig) -> Transformer:
 
 
 def init_distributed(cfg: JobConfig, env: DistEnv, device: torch.device) -> None:
-    if not env.distributed or (dist.is_available() and dist.is_initialized()):
+    """Process group from the launcher's variables; DeepSpeed needs one even for one process."""
+    if dist.is_initialized() or not (env.distributed or cfg.zero.enabled):
         return
+    if not env.distributed and "MASTER_PORT" not in os.environ:
+        import socket
+        with socket.socket() as sock:  # a lone process: any free local port will do
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     export_torch_env(env)
     backend = cfg.parallel.backend
     if backend == "auto":
