@@ -11,6 +11,7 @@ attention. Subcommands:
   train RECIPE [key=value ...]   run a YAML recipe (stages of growing length); dotted overrides
                                  such as attention.window=64 stages.0.steps=5
   eval RUN_DIR                   loss-by-position table of a finished run's model
+  tb RUN_DIR                     last value of every TensorBoard scalar of a run, as a table
   data ...                       data tools (synthetic documents, shards, tokenizers)
 Run `dcwdist SUBCOMMAND --help` for details."""
 
@@ -50,6 +51,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_tb(args) -> int:
+    from dcwdist.eval.positions import format_table
+    from dcwdist.train.logging import last_scalars
+
+    print(format_table(last_scalars(args.run_dir)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcwdist", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run directory written by `dcwdist train`")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.eval_rows=8")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("tb", help="print the last TensorBoard scalars of a run",
+                       description="Print the last logged value of every TensorBoard scalar "
+                       "in RUN_DIR/tb (loss, lr, tokens/s, MFU, memory, scorer metrics).")
+    p.add_argument("run_dir", help="run directory written by `dcwdist train`")
+    p.set_defaults(func=cmd_tb)
 
     p = sub.add_parser("data", help="data tools: synthetic documents, shards, tokenizers",
                        description="Data tools. See `dcwdist data SUBCOMMAND --help`.")

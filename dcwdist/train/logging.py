@@ -60,3 +60,21 @@ def peak_memory_gib(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def last_scalars(run_dir: str) -> list[dict]:
+    """Last value of every TensorBoard scalar under RUN_DIR/tb (for `dcwdist tb`)."""
+    import os
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb_dir = os.path.join(run_dir, "tb")
+    if not os.path.isdir(tb_dir):
+        raise FileNotFoundError(f"{run_dir} has no tb/ folder (was logging.tensorboard off?)")
+    acc = EventAccumulator(tb_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    rows = []
+    for tag in sorted(acc.Tags()["scalars"]):
+        events = acc.Scalars(tag)
+        rows.append({"scalar": tag, "step": events[-1].step, "value": f"{events[-1].value:.6g}"})
+    return rows
