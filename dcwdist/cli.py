@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         register(data_sub)
     except ImportError:
         pass
+    # Subcommands owned by other packages register themselves (submit/status/cancel, hf ...).
+    for module in ("dcwdist.launch.cli", "dcwdist.hf.cli"):
+        try:
+            register = __import__(module, fromlist=["register"]).register
+        except ImportError:
+            continue
+        register(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Hugging Face interop: import/export Llama and Qwen2 checkpoints."""
