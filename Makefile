@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Two CPU ranks over gloo, DeepSpeed ZeRO-2 sharding the optimizer, checkpoints every 20 steps.
+DEMO_ENV := DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=$(HOME)/.cache/dcwdist/torch_extensions
 demo: $(STAMP)
-	$(BIN)/dcwdist train recipes/tiny_cpu.yaml
+	$(DEMO_ENV) $(BIN)/python -m torch.distributed.run --nproc-per-node 2 --master-addr 127.0.0.1 \
+	  --master-port 29533 -m dcwdist.cli train recipes/tiny_cpu.yaml zero.enabled=true zero.stage=2 \
+	  checkpoint.every=20 --run-dir runs/tiny_cpu
+	$(BIN)/dcwdist tb runs/tiny_cpu
 
 test: $(STAMP)
 	bash tests/run.sh

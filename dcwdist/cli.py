@@ -115,9 +115,12 @@ def main(argv=None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, NotImplementedError) as e:
         print(f"dcwdist: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # non-finite loss or gradients: name step and stage
+        print(f"dcwdist: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("dcwdist: interrupted", file=sys.stderr)
         return 130

@@ -72,3 +72,14 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
         weights.append(copy.deepcopy(tr.model.state_dict()))
     for key in weights[0]:
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-9, atol=1e-12)
+
+
+def test_non_finite_loss_stops_naming_step_and_stage(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "dcwdist.cli", "train", TINY, *SMALL,
+                           "optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0",
+                           "--run-dir", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dcwdist: error: non-finite") and "(stage 384)" in last, last
