@@ -16,9 +16,10 @@ class SegmentationConfig:
     """Target share of document blocks in the core tier."""
     buffer_ratio: float = 0.3
     """Target share of document blocks in the buffer tier."""
-    tau_core: float = 0.5
-    """causal mode: score at or above which the next block is core (within the cap)."""
-    tau_buffer: float = 0.3
+    tau_core: float = 0.2
+    """causal mode: score at or above which the next block is core (within the cap). Low on
+    purpose: relevant tokens are rare, so a BCE-trained scorer rarely outputs high scores."""
+    tau_buffer: float = 0.1
     """causal mode: score at or above which the next block is buffer (within the cap)."""
     scorer_layers: int = 4
     """Scorer encoder depth."""
@@ -28,6 +29,8 @@ class SegmentationConfig:
     """Scorer attention heads."""
     scorer_window: int = 128
     """Scorer's windowed attention span (keeps it O(n))."""
+    cap_slack: float = 1.0
+    """causal mode: blocks of headroom the running cap allows above ratio * prefix blocks."""
     phase: Literal["scorer", "joint", "frozen"] = "joint"
     """scorer: train the scorer alone on labels (phase 1); joint: L_task + l1 L_seg + l2 L_eff
     (phase 2); frozen: scorer fixed."""
@@ -45,3 +48,15 @@ class SegmentationConfig:
                              f"sum to <= 1, got {self.core_ratio} + {self.buffer_ratio}")
         if self.tau_buffer > self.tau_core:
             raise ValueError("segmentation.tau_buffer must be <= segmentation.tau_core")
+        for name in ("scorer_layers", "scorer_dim", "scorer_heads", "scorer_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"segmentation.{name} must be >= 1, got {getattr(self, name)}")
+        if self.scorer_dim % self.scorer_heads or (self.scorer_dim // self.scorer_heads) % 2:
+            raise ValueError(f"segmentation.scorer_dim ({self.scorer_dim}) must split into "
+                             f"scorer_heads ({self.scorer_heads}) heads of even width")
+        if self.cap_slack < 0:
+            raise ValueError(f"segmentation.cap_slack must be >= 0, got {self.cap_slack}")
+        if min(self.lambda_seg, self.lambda_eff) < 0 or not 0 < self.eff_target <= 1:
+            raise ValueError("segmentation.lambda_seg/lambda_eff must be >= 0 and eff_target "
+                             f"in (0, 1], got {self.lambda_seg}, {self.lambda_eff}, "
+                             f"{self.eff_target}")

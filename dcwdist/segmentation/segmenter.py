@@ -1,0 +1,128 @@
+"""The segmenter the Transformer calls once per forward: scores -> tiers, block scores, losses.
+
+Legend: B batch, T tokens, M model dim, NB = ceil(T / blk) blocks.
+
+Fills ctx.tiers [B, NB] int64, ctx.block_scores [B, NB] (soft, differentiable),
+ctx.cache["token_scores"] [B, T], ctx.cache["aux_losses"] (weighted L_seg, L_eff) and
+ctx.cache["metrics"] (floats; always the same keys so ranks all-reduce them in step).
+
+Block scores, the path L_task takes into the scorer (DCW multiplies each core block's summary
+values by s / s.detach(), a straight-through weight of exactly 1):
+- prefix: the mean token score of a document block; blocks with instruction/answer tokens
+  (always core) and padding carry the constant 1 / 0.
+- causal: block b carries the score that decided it, the one at the last token of block b-1;
+  a document's first block (always core) carries the constant 1, padding 0.
+Tiers are computed from the detached scores (they are discrete); the phase decides the rest:
+scorer / joint add lambda_seg * L_seg (when labels exist) and lambda_eff * L_eff (when > 0);
+frozen runs the scorer without gradient and adds nothing.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dcwdist.attention.config import AttentionConfig
+from dcwdist.attention.context import ROLE_ANSWER, TIER_CORE, AttnContext
+from dcwdist.segmentation.config import SegmentationConfig
+from dcwdist.segmentation.losses import (block_costs, flops_fraction, hard_tier_probs,
+                                         labelled_tokens, lookahead_targets, seg_loss,
+                                         soft_tier_probs)
+from dcwdist.segmentation.scorer import InstructionScorer
+from dcwdist.segmentation.tiers import BlockInfo, block_info, causal_tiers, prefix_tiers
+
+METRIC_KEYS = ("seg_bce", "core_precision", "core_recall", "tier_core", "tier_buffer",
+               "tier_background", "flops_expected", "flops_realised")
+
+
+def _blocks(x_BT: torch.Tensor, blk: int, fill=0) -> torch.Tensor:
+    T = x_BT.shape[1]
+    NB = -(-T // blk)
+    return torch.nn.functional.pad(x_BT, (0, NB * blk - T), value=fill).view(x_BT.shape[0], NB, blk)
+
+
+class Segmenter(nn.Module):
+    def __init__(self, cfg: SegmentationConfig, model_dim: int, attn_cfg: AttentionConfig):
+        super().__init__()
+        self.cfg, self.attn_cfg = cfg, attn_cfg
+        self.scorer = InstructionScorer(cfg, model_dim)
+
+    @property
+    def causal(self) -> bool:
+        return self.cfg.mode == "causal"
+
+    def block_scores(self, s_BT: torch.Tensor, doc_BT, roles_BT, info: BlockInfo) -> torch.Tensor:
+        """[B, NB] soft block scores (see the module docstring)."""
+        blk = self.attn_cfg.block_size
+        if self.causal:
+            last = _blocks(s_BT, blk)[:, :, -1]  # score at each block's last token
+            decided = torch.nn.functional.pad(last, (1, 0))[:, :-1]
+            return torch.where(info.first, 1.0, torch.where(info.real, decided, 0.0))
+        read = doc_BT >= 0 if roles_BT is None else (doc_BT >= 0) & (roles_BT != ROLE_ANSWER)
+        scored = _blocks(read, blk, False)
+        s = _blocks(s_BT, blk)
+        mean = (s * scored).sum(-1) / scored.sum(-1).clamp_min(1)
+        return torch.where(info.forced, 1.0, torch.where(info.real, mean, 0.0))
+
+    def forward(self, h_emb_BTM: torch.Tensor, tokens_BT: torch.Tensor, ctx: AttnContext) -> None:
+        cfg, blk = self.cfg, self.attn_cfg.block_size
+        doc, roles = ctx.doc_ids, ctx.roles
+        train = cfg.phase != "frozen" and torch.is_grad_enabled()
+        with torch.set_grad_enabled(train):
+            logits = self.scorer(h_emb_BTM, doc, ctx.positions, roles).float()
+        s = torch.sigmoid(logits)
+        s_in = s.masked_fill(doc < 0, 0.0)
+        info = block_info(doc, roles, blk)
+        scores = self.block_scores(s_in, doc, roles, info)
+        if self.causal:
+            tiers = causal_tiers(scores, info, cfg.core_ratio, cfg.buffer_ratio, cfg.tau_core,
+                                 cfg.tau_buffer, cfg.cap_slack)
+        else:
+            tiers = prefix_tiers(scores, info, cfg.core_ratio, cfg.buffer_ratio)
+        ctx.tiers, ctx.block_scores = tiers, scores
+        ctx.cache["token_scores"] = s
+
+        costs = block_costs(doc, blk, self.attn_cfg)
+        pool = self.attn_cfg.summary_pool
+        expected = flops_fraction(*soft_tier_probs(scores, cfg.core_ratio, cfg.buffer_ratio),
+                                  costs, info, blk, pool)
+        relevance = ctx.cache.get("relevance")
+        bce, target, mask = None, None, None
+        if relevance is not None:
+            mask = labelled_tokens(doc, relevance)
+            if self.causal:
+                target = lookahead_targets(doc, relevance, blk)
+            else:
+                target = (relevance > 0).float()
+                mask = mask & (roles != ROLE_ANSWER) if roles is not None else mask
+            bce = seg_loss(logits, target, mask)
+        aux = ctx.cache.setdefault("aux_losses", {})
+        if train:
+            if bce is not None and cfg.lambda_seg > 0:
+                aux["seg"] = cfg.lambda_seg * bce
+            if cfg.lambda_eff > 0:
+                aux["eff"] = cfg.lambda_eff * torch.relu(expected - cfg.eff_target)
+        ctx.cache.setdefault("metrics", {}).update(
+            self._metrics(tiers, info, relevance, mask, bce, expected, costs))
+
+    @torch.no_grad()
+    def _metrics(self, tiers, info: BlockInfo, relevance, mask, bce, expected, costs) -> dict:
+        blk = self.attn_cfg.block_size
+        real = info.real
+        n_real = real.sum().clamp_min(1)
+        zero = torch.zeros((), device=tiers.device)
+        vals = [zero if bce is None else bce.detach(), zero, zero]
+        if relevance is not None:
+            # Blocks whose tier the score decided, in labelled documents.
+            scored = real & (info.first.logical_not() if self.causal else ~info.forced)
+            scored &= _blocks(mask, blk, False).any(-1)
+            rel = _blocks(relevance > 0, blk, False).any(-1)
+            core = (tiers == TIER_CORE) & scored
+            hit = (core & rel).sum()
+            vals[1] = hit / core.sum().clamp_min(1)
+            vals[2] = hit / (rel & scored).sum().clamp_min(1)
+        ratios = [((tiers == t) & real).sum() / n_real for t in range(3)]
+        realised = flops_fraction(*hard_tier_probs(tiers), costs, info, blk,
+                                  self.attn_cfg.summary_pool)
+        row = torch.stack([v.float().reshape(()) for v in
+                           vals + ratios + [expected.detach(), realised]]).tolist()  # one sync
+        return dict(zip(METRIC_KEYS, row))

@@ -1,0 +1,146 @@
+"""The segmenter end to end: causality, the L_task gradient path, FLOPs, L_eff, phases."""
+import pytest
+import torch
+
+from dcwdist.attention import AttentionConfig, AttnContext, attention_flops
+from dcwdist.attention.context import (ROLE_ANSWER, ROLE_DOCUMENT, ROLE_INSTRUCTION, ROLE_PAD,
+                                       TIER_CORE)
+from dcwdist.segmentation import (SegmentationConfig, apply_phase, build_segmenter,
+                                  segmenter_parameter_names)
+
+BLK, M = 8, 32
+ATTN = AttentionConfig(kind="dcw", block_size=BLK, window=4, buffer_window=8, stride=2,
+                       summary_pool=2)
+
+
+def small_cfg(**kw):
+    return SegmentationConfig(scorer_layers=2, scorer_dim=32, scorer_heads=2, scorer_window=8, **kw)
+
+
+def packed(lengths=(12, 9, 7), instr=(11, 0, 5), answer=(2, 0, 1), pad_blocks=1):
+    """doc ids, positions, roles [2, T] for documents of the given block counts."""
+    doc, pos, roles = [], [], []
+    for d, (n, ni, na) in enumerate(zip(lengths, instr, answer)):
+        T = n * BLK
+        doc += [d] * T
+        pos += list(range(T))
+        roles += [ROLE_INSTRUCTION] * ni + [ROLE_DOCUMENT] * (T - ni - na) + [ROLE_ANSWER] * na
+    doc += [-1] * BLK * pad_blocks
+    pos += list(range(BLK * pad_blocks))
+    roles += [ROLE_PAD] * BLK * pad_blocks
+    t = lambda x: torch.tensor([x, x])  # noqa: E731
+    return t(doc), t(pos), t(roles)
+
+
+def run(seg, emb, doc, pos, roles, relevance=None):
+    ctx = AttnContext(doc_ids=doc, positions=pos, roles=roles,
+                      cache={} if relevance is None else {"relevance": relevance})
+    seg(emb, None, ctx)
+    return ctx
+
+
+@pytest.mark.parametrize("p", [5, 40, 100, 161])  # inside doc 0's instruction, mid-docs, doc 2
+def test_causal_mode_nothing_before_p_depends_on_later_tokens(p):
+    torch.manual_seed(0)
+    seg = build_segmenter(small_cfg(mode="causal", tau_core=0.5, tau_buffer=0.45), M, ATTN)
+    doc, pos, roles = packed()
+    emb = torch.randn(*doc.shape, M)
+    a = run(seg, emb, doc, pos, roles)
+    emb2 = emb.clone()
+    emb2[:, p + 1:] = torch.randn_like(emb2[:, p + 1:]) * 3
+    b = run(seg, emb2, doc, pos, roles)
+    sa, sb = a.cache["token_scores"], b.cache["token_scores"]
+    assert torch.equal(sa[:, :p + 1], sb[:, :p + 1])
+    assert not torch.allclose(sa[:, p + 1:], sb[:, p + 1:])  # the perturbation is visible later
+    upto = p // BLK + 1  # blocks up to and including p's block
+    assert torch.equal(a.tiers[:, :upto], b.tiers[:, :upto])
+    assert torch.equal(a.block_scores[:, :upto], b.block_scores[:, :upto])
+    assert len(set(a.tiers.flatten().tolist())) == 3  # the case exercises every tier
+
+
+def test_prefix_mode_scorer_never_reads_the_answer():
+    torch.manual_seed(0)
+    seg = build_segmenter(small_cfg(mode="prefix"), M, ATTN)
+    doc, pos, roles = packed()
+    emb = torch.randn(*doc.shape, M)
+    a = run(seg, emb, doc, pos, roles)
+    emb2 = torch.where((roles == ROLE_ANSWER)[..., None], torch.randn_like(emb), emb)
+    b = run(seg, emb2, doc, pos, roles)
+    read = roles != ROLE_ANSWER
+    assert torch.equal(a.cache["token_scores"][read], b.cache["token_scores"][read])
+    assert torch.equal(a.tiers, b.tiers) and torch.equal(a.block_scores, b.block_scores)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "causal"])
+def test_unlabelled_task_loss_reaches_the_scorer_through_block_scores(mode):
+    """No labels, no L_eff: only the DCW straight-through weight s / s.detach() carries gradient."""
+    torch.manual_seed(0)
+    seg = build_segmenter(small_cfg(mode=mode, lambda_eff=0.0), M, ATTN)
+    doc, pos, roles = packed()
+    ctx = run(seg, torch.randn(*doc.shape, M), doc, pos, roles)
+    assert ctx.cache.get("aux_losses", {}) == {}
+    core = ctx.tiers == TIER_CORE  # DCW weights the summaries of core blocks
+    s = ctx.block_scores[core]
+    assert s.requires_grad and (s > 0).all()
+    f = torch.randn(s.shape)  # stands for <dL/dV_summary, V_summary> of each core block
+    loss = (f * s / s.detach()).sum()
+    assert loss.item() == pytest.approx(f.sum().item(), rel=1e-5)  # the weight's value is 1
+    loss.backward()
+    sc = seg.scorer
+    for name in ("in_proj.weight", "encoder.layers.0.attn.qkv.weight", "w_h.weight",
+                 "w_g.weight", "w_i.weight"):
+        grad = dict(sc.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_frozen_phase_runs_without_gradient_or_losses():
+    seg = build_segmenter(small_cfg(mode="causal", phase="frozen", lambda_eff=1.0), M, ATTN)
+    doc, pos, roles = packed()
+    ctx = run(seg, torch.randn(*doc.shape, M), doc, pos, roles, relevance=(roles == 0).float())
+    assert not ctx.block_scores.requires_grad and ctx.cache["aux_losses"] == {}
+
+
+@pytest.mark.parametrize("mode", ["prefix", "causal"])
+def test_realised_flops_equal_the_attention_layouts_count(mode):
+    torch.manual_seed(0)
+    seg = build_segmenter(small_cfg(mode=mode, tau_core=0.5, tau_buffer=0.4), M, ATTN)
+    doc, pos, roles = packed(lengths=(20, 14, 9))
+    ctx = run(seg, torch.randn(*doc.shape, M), doc, pos, roles)
+    want = attention_flops(ATTN, ctx, 1, 1)["density"]
+    assert ctx.cache["metrics"]["flops_realised"] == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "causal"])
+def test_l_eff_lowers_the_expected_flops_toward_the_target(mode):
+    torch.manual_seed(0)
+    cfg = small_cfg(mode=mode, phase="scorer", lambda_seg=0.0, lambda_eff=1.0, eff_target=0.3)
+    seg = build_segmenter(cfg, M, ATTN)
+    doc, pos, roles = packed(lengths=(30, 20, 12))
+    emb = torch.randn(*doc.shape, M)
+    opt = torch.optim.Adam(seg.parameters(), lr=3e-3)
+    fracs = []
+    for _ in range(30):
+        ctx = run(seg, emb, doc, pos, roles)
+        fracs.append(ctx.cache["metrics"]["flops_expected"])
+        opt.zero_grad()
+        sum(ctx.cache["aux_losses"].values()).backward()
+        opt.step()
+    start, end = fracs[0], fracs[-1]
+    assert start > 0.3 + 0.1, fracs
+    assert end < start - 0.5 * (start - 0.3), fracs  # closed at least half the gap
+    assert end > 0.3 - 0.05, fracs  # relu: no push below the target
+
+
+def test_scorer_phase_trains_only_the_segmenter():
+    from dcwdist.model.config import ModelConfig
+    from dcwdist.model.transformer import Transformer
+    seg = build_segmenter(small_cfg(), M, ATTN)
+    model = Transformer(ModelConfig(dim=M, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=64,
+                                    ffn_dim=64), ATTN, seg)
+    names = segmenter_parameter_names(model)
+    assert names and all(n.startswith("segmenter.") for n in names)
+    trained = {id(p) for p in apply_phase(model, "scorer")}
+    assert trained == {id(p) for n, p in model.named_parameters() if n in names}
+    assert all(p.requires_grad == (n in names) for n, p in model.named_parameters())
+    apply_phase(model, "frozen")
+    assert all(p.requires_grad == (n not in names) for n, p in model.named_parameters())
