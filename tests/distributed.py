@@ -11,7 +11,7 @@ from tests.conftest import REPO
 
 TINY = os.path.join(REPO, "recipes/tiny_cpu.yaml")
 # 2 layers x 64 wide; stage 0: 4 rows of 384 per step, stage 1: 2 rows of 768.
-SMALL = ["model.dim=64", "model.n_layers=2", "stages.0.seq_len=384", "stages.0.steps=3",
+SMALL = ["attention.kind=dense", "model.dim=64", "model.n_layers=2", "stages.0.seq_len=384", "stages.0.steps=3",
          "stages.0.batch_tokens=1536", "stages.0.micro_batch_size=1", "stages.1.seq_len=768",
          "stages.1.steps=2", "stages.1.batch_tokens=1536", "stages.1.micro_batch_size=1",
          "stages.1.rope.original_max_len=384", "data.eval_rows=1", "logging.progress=false"]

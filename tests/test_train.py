@@ -13,7 +13,7 @@ from dcwdist.train.trainer import Trainer
 from tests.conftest import REPO
 
 TINY = os.path.join(REPO, "recipes/tiny_cpu.yaml")
-SMALL = ["model.dim=64", "model.n_layers=2", "stages.0.seq_len=384", "stages.0.steps=14",
+SMALL = ["attention.kind=dense", "model.dim=64", "model.n_layers=2", "stages.0.seq_len=384", "stages.0.steps=14",
          "stages.0.batch_tokens=1536", "stages.0.micro_batch_size=4", "stages.1.seq_len=768",
          "stages.1.steps=4", "stages.1.batch_tokens=1536", "stages.1.micro_batch_size=2",
          "stages.1.rope.original_max_len=384", "data.eval_rows=2", "logging.progress=false"]
@@ -83,3 +83,19 @@ def test_non_finite_loss_stops_naming_step_and_stage(tmp_path):
     assert proc.returncode == 3, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("dcwdist: error: non-finite") and "(stage 384)" in last, last
+
+
+def test_dcw_with_the_learned_scorer_trains_and_logs_tiers(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    over = [o for o in SMALL if o != "attention.kind=dense"] + [
+        "stages.0.steps=6", "stages.1.steps=1", "stages.0.micro_batch_size=4"]
+    cfg = load_config(TINY, over)
+    assert cfg.attention.kind == "dcw"
+    summary = Trainer(cfg, run_dir=str(tmp_path), echo=lambda *_: None).fit()
+    assert summary["last_loss"] < summary["first_loss"]
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/scorer/seg_bce", "alpha/layer0"} <= tags, tags
+    assert any("core" in t for t in tags), tags
