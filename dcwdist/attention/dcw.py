@@ -108,7 +108,7 @@ class DCWAttention(nn.Module):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.alpha = nn.Parameter(torch.zeros(()))
+        self.alpha = nn.Parameter(torch.zeros(1))  # [1], not 0-dim: DeepSpeed broadcasts views
 
     def forward(self, q_BTHD, k_BTKD, v_BTKD, ctx: AttnContext):
         cfg, plan = self.cfg, dcw_plan(self.cfg, ctx)
