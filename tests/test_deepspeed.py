@@ -118,3 +118,16 @@ def test_resume_with_a_different_world_size_continues_the_same_loss(uninterrupte
     assert "world=1 (dp=1 x cp=1)" in resumed["stdout"]
     assert "saved with world size 2" in resumed["stdout"]
     assert losses(resumed) == pytest.approx(losses(full)[3:], rel=1e-6)
+
+
+def test_dcw_with_the_scorer_on_two_ranks_equals_single_process(tmp_path):
+    over = [o for o in SMALL if o != "attention.kind=dense"] + [
+        "attention.kind=dcw", "stages.1.steps=1", "segmentation.scorer_layers=1",
+        "segmentation.scorer_dim=32"]
+    ref = run_train(str(tmp_path / "one"), over)
+    out = run_train(str(tmp_path / "two"), over + ["zero.enabled=true", "zero.stage=1"], nproc=2)
+    assert losses(out) == pytest.approx(losses(ref), rel=1e-5)
+    a, b = weights(str(tmp_path / "one")), weights(str(tmp_path / "two"))
+    assert any(k.startswith("segmenter.") for k in a) and any(k.endswith("alpha") for k in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
