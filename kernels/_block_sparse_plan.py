@@ -1,0 +1,204 @@
+"""What the block-sparse kernels read besides q/k/v: a BlockLayout flattened per entry, and tuning.
+
+Per CSR entry (forward: query block -> key block; transposed: key block -> query block) the plan
+holds the block index, the delta bounds [lo, hi) of its mode (delta = q_pos - k_pos) and a flag:
+bit 0 set unless every token pair of the tile passes (decided from per-block position and
+document ranges, so full interior blocks skip all mask work), bit 1 when the document test is
+needed. Rows are launched heaviest first (longest CSR row first) so the long causal rows of a
+sparse pattern do not trail at the end of the grid. Plans are cached per (layout object, device)
+and dropped with the layout: layouts are treated as immutable.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from dcwdist.attention.layout import MODE_CAUSAL, MODE_FAR, MODE_FULL, MODE_WINDOW, BlockLayout
+
+_BIG = 1 << 30
+FLAG_MASK, FLAG_DOC = 1, 2
+
+
+@dataclass
+class EntryCSR:
+    indptr: torch.Tensor
+    """int32 [R + 1]."""
+    split: torch.Tensor
+    """int32 [R] first masked entry of each row (unmasked entries come first)."""
+    blk: torch.Tensor
+    """int32 [nnz] key block (forward) or query block (transposed)."""
+    lo: torch.Tensor
+    """int32 [nnz] smallest allowed delta."""
+    hi: torch.Tensor
+    """int32 [nnz] first disallowed delta."""
+    flag: torch.Tensor
+    """int32 [nnz] FLAG_MASK | FLAG_DOC."""
+    order: torch.Tensor
+    """int32 [R] rows, longest first (launch order)."""
+
+
+@dataclass
+class KernelPlan:
+    fwd: EntryCSR
+    bwd: EntryCSR
+    q_pos: torch.Tensor
+    """int32 [B, Tq]."""
+    k_pos: torch.Tensor
+    """int32 [B, Tk]."""
+    q_doc: torch.Tensor
+    """int32 [B, Tq] (q_pos when the layout has no documents: never read then)."""
+    k_doc: torch.Tensor
+    has_doc: bool
+    groups: int
+    num_q_blocks: int
+    num_k_blocks: int
+    q_block: int
+    k_block: int
+    interpret: bool
+    """Not on CUDA, so Triton runs interpreted: no tuning, small tiles."""
+
+
+_PLANS: dict[int, tuple[weakref.ref, dict[str, KernelPlan]]] = {}
+
+
+def kernel_plan(layout: BlockLayout, device: torch.device) -> KernelPlan:
+    """The plan of `layout` on `device`, built on first use."""
+    key = id(layout)
+    hit = _PLANS.get(key)
+    if hit is None or hit[0]() is not layout:
+        hit = (weakref.ref(layout), {})
+        _PLANS[key] = hit
+        weakref.finalize(layout, _PLANS.pop, key, None)
+    plan = hit[1].get(str(device))
+    if plan is None:
+        plan = _build(layout.to(device))
+        hit[1][str(device)] = plan
+    return plan
+
+
+def _block_range(x_BT: torch.Tensor, blk: int):
+    x = x_BT.view(x_BT.shape[0], -1, blk)
+    return x.amin(-1), x.amax(-1)
+
+
+def _entries(layout: BlockLayout, bg, qb, kb, mode, stats):
+    """Bounds and flags of entries (bg = b * G + g, query block, key block, MODE_*)."""
+    dev = mode.device
+    lo_tab = torch.tensor([-_BIG, 0, 0, layout.far], dtype=torch.int64, device=dev)
+    hi_tab = torch.tensor([_BIG, _BIG, layout.window, _BIG], dtype=torch.int64, device=dev)
+    assert (MODE_FULL, MODE_CAUSAL, MODE_WINDOW, MODE_FAR) == (0, 1, 2, 3)
+    m = mode.long()
+    lo, hi = lo_tab[m], hi_tab[m]
+    b = bg // layout.groups
+    (qmin, qmax), (kmin, kmax) = stats["q_pos"], stats["k_pos"]
+    d_min = qmin[b, qb] - kmax[b, kb]
+    d_max = qmax[b, qb] - kmin[b, kb]
+    need_mask = ~((d_min >= lo) & (d_max < hi))
+    need_doc = torch.zeros_like(need_mask)
+    if "q_doc" in stats:
+        (qdmin, qdmax), (kdmin, kdmax) = stats["q_doc"], stats["k_doc"]
+        uniform = ((qdmin[b, qb] == qdmax[b, qb]) & (kdmin[b, kb] == kdmax[b, kb])
+                   & (qdmin[b, qb] == kdmin[b, kb]) & (kdmin[b, kb] >= 0))
+        need_doc = ~uniform
+    flag = (need_mask | need_doc).int() * FLAG_MASK + need_doc.int() * FLAG_DOC
+    return lo.int(), hi.int(), flag.int()
+
+
+def _csr(indptr, rows, blk, lo, hi, flag) -> EntryCSR:
+    """Entries of each row reordered unmasked first; split[row] = its first masked entry."""
+    counts = indptr[1:] - indptr[:-1]
+    masked = (flag & FLAG_MASK) != 0
+    perm = torch.argsort(rows * 2 + masked.long(), stable=True)
+    unmasked_per_row = torch.zeros_like(counts).index_add_(0, rows, (~masked).long())
+    order = torch.argsort(counts, descending=True, stable=True)
+    return EntryCSR(indptr=indptr.int().contiguous(),
+                    split=(indptr[:-1] + unmasked_per_row).int().contiguous(),
+                    blk=blk[perm].int().contiguous(), lo=lo[perm].contiguous(),
+                    hi=hi[perm].contiguous(), flag=flag[perm].contiguous(),
+                    order=order.int().contiguous())
+
+
+def _build(layout: BlockLayout) -> KernelPlan:
+    for name in ("q_pos", "k_pos"):
+        pos = getattr(layout, name)
+        if pos.numel() and int(pos.abs().max()) >= _BIG // 2:
+            raise ValueError(f"layout.{name} beyond +-2^29: positions are int32 in the kernel")
+    has_doc = layout.q_doc is not None and layout.k_doc is not None
+    stats = {"q_pos": _block_range(layout.q_pos, layout.q_block),
+             "k_pos": _block_range(layout.k_pos, layout.k_block)}
+    if has_doc:
+        stats["q_doc"] = _block_range(layout.q_doc, layout.q_block)
+        stats["k_doc"] = _block_range(layout.k_doc, layout.k_block)
+    NQ, NK = layout.num_q_blocks, layout.num_k_blocks
+    rows = torch.repeat_interleave(torch.arange(layout.indptr.numel() - 1,
+                                                device=layout.indptr.device),
+                                   layout.indptr[1:] - layout.indptr[:-1])
+    kb = layout.kv_block.long()
+    fwd = _csr(layout.indptr, rows, kb,
+               *_entries(layout, rows // NQ, rows % NQ, kb, layout.mode, stats))
+    tr = layout.transpose()
+    cols = torch.repeat_interleave(torch.arange(tr.indptr.numel() - 1, device=tr.indptr.device),
+                                   tr.indptr[1:] - tr.indptr[:-1])
+    qb = tr.q_block_idx.long()
+    bwd = _csr(tr.indptr, cols, qb, *_entries(layout, cols // NK, qb, cols % NK, tr.mode, stats))
+    q_pos, k_pos = layout.q_pos.int().contiguous(), layout.k_pos.int().contiguous()
+    return KernelPlan(
+        fwd=fwd, bwd=bwd, q_pos=q_pos, k_pos=k_pos,
+        q_doc=layout.q_doc.int().contiguous() if has_doc else q_pos,
+        k_doc=layout.k_doc.int().contiguous() if has_doc else k_pos,
+        has_doc=has_doc, groups=layout.groups, num_q_blocks=NQ, num_k_blocks=NK,
+        q_block=layout.q_block, k_block=layout.k_block,
+        interpret=layout.indptr.device.type != "cuda")
+
+
+def sub_tiles(block: int, tile: int) -> int:
+    """Tiles of `tile` tokens one layout block spans (1 when the block is padded into a tile)."""
+    return max(block // tile, 1)
+
+
+_TUNED: dict[tuple, tuple] = {}
+AUTOTUNE = True
+"""Time every fitting config once per key on CUDA; False: take the first (tests: fewer compiles)."""
+
+
+def launch_tuned(kernel, key: tuple, configs: list, grid: Callable[[tuple], tuple], args: tuple,
+                 consts: dict, before: Optional[Callable[[], object]] = None) -> None:
+    """Launch `kernel` with the fastest of `configs` (BLOCK_M, BLOCK_N, warps, stages) for `key`.
+
+    Timed once per key with triton.testing.do_bench (every kernel here only stores its outputs,
+    so re-running it is harmless); a single candidate, or the interpreter, skips timing.
+    """
+    if not configs:
+        raise ValueError(f"no kernel tile fits layout blocks for {key}")
+
+    def run(cfg):
+        bm, bn, warps, stages = cfg
+        if before is not None:  # e.g. zero an atomic accumulator: every run starts clean
+            before()
+        kernel[grid(cfg)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                          num_stages=stages)
+
+    best = _TUNED.get(key)
+    if best is None:
+        if len(configs) == 1 or not AUTOTUNE:
+            best = configs[0]
+        else:
+            from triton.testing import do_bench
+            timings = []
+            for cfg in configs:
+                try:
+                    timings.append((do_bench(lambda: run(cfg), warmup=5, rep=20), cfg))
+                except Exception as err:  # e.g. a tile that needs more shared memory than exists
+                    if "OutOfResources" not in type(err).__name__ and "resources" not in str(err):
+                        raise
+            best = min(timings)[1]
+        _TUNED[key] = best
+    run(best)
+
+
+def tuned_configs() -> dict:
+    """Chosen config per tuning key (for benchmark reports)."""
+    return dict(_TUNED)
