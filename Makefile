@@ -3,7 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP_PINS := torch==2.13.0 triton==3.7.1 deepspeed==0.19.8 'ray[default]==2.60.0' mpi4py==4.1.2 \
-            datasets==5.2.0 tokenizers==0.23.3 tensorboard==2.21.0
+            datasets==5.2.0 tokenizers==0.23.3 tensorboard==2.21.0 \
+            transformers==5.23.0 safetensors==0.8.0
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test install clean
@@ -13,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned, so nothing below pulls a CUDA build.
 	DS_BUILD_OPS=0 $(BIN)/pip install -q $(PIP_PINS)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,hf]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -36,6 +36,8 @@ class ModelConfig:
     """Std of the normal init of linear and embedding weights."""
     loss_chunk: int = 2048
     """Tokens per chunk of the fused output projection + cross-entropy."""
+    init_from: str = ""
+    """Local Hugging Face Llama/Qwen2 directory to start from; its config.json sets the shape."""
 
     def __post_init__(self):
         if self.dim % self.n_heads:
