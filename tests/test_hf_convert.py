@@ -24,11 +24,15 @@ SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
         "rope_theta": 10000.0}
 LINEAR = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32, "rope_theta": 5e5}
 CASES = {  # name: (arch, extra config); GQA, tied/untied and rope scaling covered
     "llama_gqa_untied": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "llama_tied_linear": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True,
                                         rope_parameters=LINEAR)),
     "llama_gqa_yarn": ("llama", dict(num_key_value_heads=1, rope_parameters=YARN)),
+    "llama_gqa_llama3": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=True,
+                                       rope_parameters=LLAMA3)),
     "qwen2_gqa_tied_yarn": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True,
                                           rope_parameters={**YARN, "rope_theta": 1e6})),
     "qwen2_untied": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False)),
@@ -182,9 +186,8 @@ def test_bad_inputs_fail_in_one_line_naming_what_is_supported(tmp_path, capsys):
     hf_dir = save_hf(hf, tmp_path / "hf")
     config = json.load(open(os.path.join(hf_dir, "config.json")))
     for patch, words in [
-        ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
-                              "rope_theta": 5e5}}, ("llama3", "default, linear, yarn")),
+        ({"rope_parameters": {"rope_type": "longrope", "factor": 8.0, "rope_theta": 5e5}},
+         ("longrope", "default, linear, yarn, llama3")),
         ({"head_dim": 32}, ("head_dim=32", "hidden_size / num_attention_heads")),
         ({"rope_parameters": {**YARN, "attention_factor": 1.5}}, ("attention_factor",)),
     ]:

@@ -18,7 +18,7 @@ from dcwdist.model.rope import RopeConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 SUPPORTED = "LlamaForCausalLM (model_type llama), Qwen2ForCausalLM (model_type qwen2)"
-ROPE_TYPES = "default, linear, yarn"
+ROPE_TYPES = "default, linear, yarn, llama3"
 SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps",
                 "tie_embeddings", "qkv_bias", "rope")
 
@@ -84,6 +84,11 @@ def rope_from_hf(hf: dict, where: str) -> RopeConfig:
         return RopeConfig(base=theta, scaling="yarn", factor=factor, original_max_len=original,
                           beta_fast=float(params.get("beta_fast") or 32.0),
                           beta_slow=float(params.get("beta_slow") or 1.0))
+    if kind == "llama3":
+        return RopeConfig(base=theta, scaling="llama3", factor=float(params["factor"]),
+                          original_max_len=int(params["original_max_position_embeddings"]),
+                          low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+                          high_freq_factor=float(params.get("high_freq_factor", 4.0)))
     raise ValueError(f"{where}: rope_scaling type '{kind}' is not supported; supported: "
                      f"{ROPE_TYPES}")
 
@@ -154,6 +159,12 @@ def hf_config_dict(cfg: ModelConfig, rope: RopeConfig, dtype: str, max_len: int 
         scaling = {"rope_type": "yarn", "factor": float(rope.factor),
                    "original_max_position_embeddings": int(rope.original_max_len),
                    "beta_fast": float(rope.beta_fast), "beta_slow": float(rope.beta_slow)}
+        max_pos = int(round(rope.original_max_len * rope.factor))
+    elif rope.scaling == "llama3":
+        scaling = {"rope_type": "llama3", "factor": float(rope.factor),
+                   "low_freq_factor": float(rope.low_freq_factor),
+                   "high_freq_factor": float(rope.high_freq_factor),
+                   "original_max_position_embeddings": int(rope.original_max_len)}
         max_pos = int(round(rope.original_max_len * rope.factor))
     out = {
         "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],

@@ -20,7 +20,7 @@ class RopeConfig:
 
     base: float = 10000.0
     """theta: base of the inverse frequencies."""
-    scaling: Literal["none", "linear", "ntk", "yarn"] = "none"
+    scaling: Literal["none", "linear", "ntk", "yarn", "llama3"] = "none"
     """How positions beyond `original_max_len` are reached."""
     factor: float = 1.0
     """Length extension factor s (new length / original length)."""
@@ -30,6 +30,10 @@ class RopeConfig:
     """YaRN: dims rotating more than this many times over the original length extrapolate."""
     beta_slow: float = 1.0
     """YaRN: dims rotating fewer times than this interpolate fully."""
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths above original_max_len / low_freq_factor are divided by factor."""
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths below original_max_len / high_freq_factor are kept."""
 
     def __post_init__(self):
         if self.base <= 1:
@@ -64,6 +68,17 @@ def inv_freq_and_mscale(cfg: RopeConfig, head_dim: int) -> tuple[torch.Tensor, f
         extrapolate = 1.0 - ramp  # 1: keep the original frequency; 0: interpolate by factor
         inv_freq = (inv_freq / cfg.factor) * (1 - extrapolate) + inv_freq * extrapolate
         mscale = 0.1 * math.log(cfg.factor) + 1.0 if cfg.factor > 1 else 1.0
+    elif cfg.scaling == "llama3":
+        # Llama 3.1: long wavelengths interpolate, short ones stay, a smooth ramp in between.
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > cfg.original_max_len / cfg.low_freq_factor,
+                             inv_freq / cfg.factor, inv_freq)
+        smooth = (cfg.original_max_len / wavelen - cfg.low_freq_factor) / (
+            cfg.high_freq_factor - cfg.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / cfg.factor + smooth * scaled
+        medium = ((wavelen >= cfg.original_max_len / cfg.high_freq_factor)
+                  & (wavelen <= cfg.original_max_len / cfg.low_freq_factor))
+        inv_freq = torch.where(medium, smoothed, scaled)
     return inv_freq, mscale
 
 
