@@ -111,6 +111,9 @@ class DCWAttention(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(1))  # [1], not 0-dim: DeepSpeed broadcasts views
 
     def forward(self, q_BTHD, k_BTKD, v_BTKD, ctx: AttnContext):
+        if ctx.group is not None:  # context parallel: this rank's zigzag shard
+            from dcwdist.parallel.dcw_cp import dcw_cp_attention
+            return dcw_cp_attention(self, q_BTHD, k_BTKD, v_BTKD, ctx)
         cfg, plan = self.cfg, dcw_plan(self.cfg, ctx)
         run = lambda q, k, v, lay: attend_layout(q, k, v, lay, None, cfg.impl, cfg.chunk_size)  # noqa: E731
         bi = torch.arange(q_BTHD.shape[0], device=q_BTHD.device)[:, None]

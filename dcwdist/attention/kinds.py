@@ -33,6 +33,9 @@ class DenseAttention(AttentionKind):
     """Full causal attention within each document."""
 
     def forward(self, q, k, v, ctx: AttnContext):
+        if ctx.group is not None:  # context parallel: ring over the cp group
+            from dcwdist.parallel.ring import dense_cp_attention
+            return dense_cp_attention(self.cfg, q, k, v, ctx)
         if self.cfg.impl == "triton":
             return _run_local(self.cfg, q, k, v, ctx, ROW_CAUSAL, 0)
         single_doc = bool((ctx.doc_ids == ctx.doc_ids[:, :1]).all())

@@ -28,6 +28,8 @@ from dcwdist.data_pipelines.shards import rank_slice
 from dcwdist.eval.positions import context_for, format_table, loss_by_position
 from dcwdist.model.transformer import Transformer
 from dcwdist.parallel.dims import ParallelDims
+from dcwdist.parallel.stage import check_cp_stage
+from dcwdist.parallel.zigzag import cp_context
 from dcwdist.parallel.env import DistEnv, export_torch_env, read_dist_env
 from dcwdist.train.checkpoint import CheckpointManager, save_model
 from dcwdist.train.engine import build_backend
@@ -38,11 +40,17 @@ from dcwdist.train.stages import StageConfig
 
 
 def build_model(cfg: JobConfig, attn_cfg: AttentionConfig) -> Transformer:
+    if cfg.model.init_from:  # a local HF Llama/Qwen2 checkpoint sets the shape (in place)
+        from dcwdist.hf import adopt_hf_config, load_hf_weights
+        adopt_hf_config(cfg.model, cfg.stages)
     segmenter = None
     if attn_cfg.kind == "dcw":
         from dcwdist.segmentation import build_segmenter
         segmenter = build_segmenter(cfg.segmentation, cfg.model.dim, attn_cfg)
-    return Transformer(cfg.model, attn_cfg, segmenter)
+    model = Transformer(cfg.model, attn_cfg, segmenter)
+    if cfg.model.init_from:  # strict: only the scorer and alpha/gates keep their init
+        load_hf_weights(model, cfg.model.init_from)
+    return model
 
 
 def init_distributed(cfg: JobConfig, env: DistEnv, device: torch.device) -> None:
@@ -124,10 +132,8 @@ class Trainer:
         cp = stage.cp or self.cfg.parallel.cp
         if self.dims is None or self.dims.cp != cp:
             self.dims = ParallelDims.build(self.world_size, cp, self.rank)
-            if cp > 1:
-                raise NotImplementedError(
-                    f"stage {stage.label}: cp={cp} needs the context-parallel attention path, "
-                    "which this build does not have yet; use cp=1")
+        if cp > 1:  # context parallel: check the layout now, not at the first forward
+            check_cp_stage(self.attn_cfg, stage.seq_len, cp, self.model.segmenter)
         rows = stage.rows_per_step(self.dims.dp)
         if rows % self.dims.dp:
             raise ValueError(f"stage {stage.label}: {rows} rows per step do not split over "
@@ -163,7 +169,11 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _forward(self, batch: Batch):
-        ctx = context_for(batch)
+        if self.dims.cp > 1:  # this cp rank's zigzag shard; ctx.group selects the CP path
+            align = self.attn_cfg.block_size if self.attn_cfg.block_based else 1
+            batch, ctx = cp_context(batch, self.attn_cfg.kind, self.dims.cp_group, align)
+        else:
+            ctx = context_for(batch)
         module = self.module
         with self._autocast():
             if self.scorer_only:
@@ -182,13 +192,15 @@ class Trainer:
         lr = lr_at(self.step, self.total_steps, self.cfg.optim)
         self.backend.set_lr(lr)
         rows_global = batch.tokens.shape[0] * (self.dims.dp if self.dims else 1)
-        count = _all_reduce(torch.tensor([float(batch.num_loss_tokens)]))
+        cp = self.dims.cp if self.dims else 1  # the cp ranks of a row all hold it here
+        count = _all_reduce(torch.tensor([float(batch.num_loss_tokens)])) / cp
         num_loss_tokens = max(1.0, float(count))  # the step's global denominator
         task_sum = torch.zeros(1, dtype=torch.float64)
         metrics: dict[str, float] = {}
         for s in range(0, batch.tokens.shape[0], self.micro):
             micro = batch.slice_rows(s, s + self.micro).to(self.device)
-            share = micro.tokens.shape[0] / rows_global
+            # The scorer's aux losses and metrics are computed whole on each of the cp ranks.
+            share = micro.tokens.shape[0] / rows_global / cp
             loss_sum, ctx = self._forward(micro)
             loss = torch.zeros((), device=self.device)
             if loss_sum is not None:
@@ -197,7 +209,7 @@ class Trainer:
             for value in ctx.cache.get("aux_losses", {}).values():
                 loss = loss + value * share
             for key, value in ctx.cache.get("metrics", {}).items():
-                metrics[key] = metrics.get(key, 0.0) + float(value) * micro.tokens.shape[0]
+                metrics[key] = metrics.get(key, 0.0) + float(value) * micro.tokens.shape[0] / cp
             self._check_finite(loss.detach().cpu(), stage, "loss")
             self.backend.backward(loss)
         grad_norm = self.backend.step()
