@@ -89,7 +89,8 @@ def test_dcw_with_the_learned_scorer_trains_and_logs_tiers(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     over = [o for o in SMALL if o != "attention.kind=dense"] + [
-        "stages.0.steps=6", "stages.1.steps=1", "stages.0.micro_batch_size=4"]
+        "stages.0.steps=6", "stages.1.steps=1", "stages.0.micro_batch_size=4",
+        "logging.peak_tflops=1.0"]
     cfg = load_config(TINY, over)
     assert cfg.attention.kind == "dcw"
     summary = Trainer(cfg, run_dir=str(tmp_path), echo=lambda *_: None).fit()
@@ -99,3 +100,6 @@ def test_dcw_with_the_learned_scorer_trains_and_logs_tiers(tmp_path):
     tags = set(acc.Tags()["scalars"])
     assert {"train/scorer/seg_bce", "alpha/layer0"} <= tags, tags
     assert any("core" in t for t in tags), tags
+    last = lambda tag: acc.Scalars(tag)[-1].value  # noqa: E731
+    # Both MFUs are logged and labelled; DCW computes less attention than dense-equivalent.
+    assert 0 < last("train/mfu_computed") < last("train/mfu_dense_equiv")

@@ -288,7 +288,9 @@ class Trainer:
                 metrics = self.train_step(batch, stage)
                 dt = time.perf_counter() - t0
                 tokens = self.rows_per_rank * self.dims.dp * stage.seq_len
-                metrics.update(self._throughput(tokens, dt, batch, stage))
+                density = (1.0 if self.attn_cfg.kind == "dense"
+                           else metrics.get("scorer/flops_realised"))  # DCW's realised fraction
+                metrics.update(self._throughput(tokens, dt, batch, density))
                 metrics.update({"stage": i, "seq_len": stage.seq_len})
                 self.history.append({"step": self.step, **metrics})
                 if self.step % cfg.logging.log_every == 0:
@@ -330,8 +332,10 @@ class Trainer:
                 "last_loss": self.history[-1]["loss"] if self.history else None,
                 "losses": [h["loss"] for h in self.history]}
 
-    def _throughput(self, tokens: int, dt: float, batch: Batch, stage: StageConfig) -> dict:
-        """tokens/s, peak memory and MFU on dense-equivalent FLOPs (6N + causal attention)."""
+    def _throughput(self, tokens: int, dt: float, batch: Batch,
+                    density: Optional[float]) -> dict:
+        """tokens/s, peak memory, and MFU on dense-equivalent FLOPs (6N + causal attention) and,
+        where the attention density is known, on computed FLOPs (6N + density x attention)."""
         m = self.cfg.model
         out = {"tokens_per_s": tokens / dt, "peak_mem_gib": peak_memory_gib(self.device)}
         if self.peak_tflops:
@@ -341,7 +345,10 @@ class Trainer:
             pairs = float((doc_lens * (doc_lens + 1) / 2).sum()) * self.dims.dp
             attn = 3 * 4 * m.head_dim * m.n_heads * m.n_layers * pairs  # fwd + bwd
             dense_flops = 6 * n_params * tokens + attn
-            out["mfu_dense_equiv"] = dense_flops / dt / (self.peak_tflops * 1e12 * self.world_size)
+            peak = self.peak_tflops * 1e12 * self.world_size
+            out["mfu_dense_equiv"] = dense_flops / dt / peak
+            if density is not None:
+                out["mfu_computed"] = (6 * n_params * tokens + attn * density) / dt / peak
         return out
 
     def _alphas(self) -> dict:
