@@ -97,7 +97,8 @@ def pool_summaries(x_BTKD: torch.Tensor, doc_BT: torch.Tensor, core_idx: torch.T
     bi = torch.arange(B, device=x.device)[:, None]
     x_sel, real_sel = x[bi, core_idx], real[bi, core_idx]  # [B, NC, per, pool, (K, D)]
     pooled = (x_sel * real_sel[..., None, None]).sum(3) / real_sel.sum(3).clamp_min(1)[..., None, None]
-    return pooled.reshape(B, -1, K, D)
+    # x's dtype: under CUDA autocast .sum() runs in fp32, and the kernel needs q, k, v alike.
+    return pooled.reshape(B, -1, K, D).to(x_BTKD.dtype)
 
 
 class DCWAttention(nn.Module):

@@ -56,7 +56,9 @@ class SelfAttention(nn.Module):
         q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # RoPE runs in cos/sin's dtype (fp32 under autocast with an fp32 residual stream); cast
+        # back so q, k, v share one dtype, as the block-sparse kernel requires.
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         out_BTHE = self.attn(q, k, v, ctx)
         return self.o_proj(out_BTHE.reshape(B, T, -1))
 
