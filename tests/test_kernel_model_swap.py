@@ -40,3 +40,21 @@ def test_triton_impl_equals_torch_impl_in_the_model(kind):
     assert g_t.keys() == g_k.keys()
     for name in g_t:
         torch.testing.assert_close(g_k[name], g_t[name], rtol=2e-3, atol=2e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["dense", "dcw"])
+def test_bf16_autocast_training_step_with_the_kernel_on_cuda(kind):
+    # Under CUDA autocast RoPE and summary pooling ran in fp32 while v stayed bf16; the kernel
+    # needs one dtype. CPU autocast does not show this, so it is checked on the GPU.
+    cfg = load_config(os.path.join(REPO, "recipes/tiny_cpu.yaml"), [
+        f"attention.kind={kind}", "attention.impl=triton", "attention.block_size=64",
+        "model.dim=128", "model.n_layers=2", "data.num_facts=1"])
+    attn_cfg = AttentionConfig(**vars(cfg.attention))
+    model = build_model(cfg, attn_cfg).cuda()
+    batch = SyntheticRows(cfg.data, 1024, align=64).batch(0, 1).to("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(batch.tokens, context_for(batch), batch.labels) / batch.num_loss_tokens
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
