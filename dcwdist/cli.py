@@ -13,6 +13,9 @@ attention. Subcommands:
   eval RUN_DIR [--suite ...]     loss-by-position table of a finished run's model; with
                                  --suite/--ruler: needle, kv, qa, ppl, speed, RULER files
   generate RUN_DIR --prompt-file F   greedy generation on an evicting KV cache
+  submit RECIPE --to local|mpi|slurm|ray   launch a recipe on N ranks (sbatch, ray, mpirun)
+  status JOB / cancel JOB        follow or stop a Slurm job (cancel --signal USR1: checkpoint)
+  hf-import / hf-export          Hugging Face Llama/Qwen2 checkpoints in and out
   tb RUN_DIR                     last value of every TensorBoard scalar of a run, as a table
   data ...                       data tools (synthetic documents, shards, tokenizers)
 Run `dcwdist SUBCOMMAND --help` for details."""

@@ -3,6 +3,7 @@ MPICH/PMI), Ray workers (which set the torchrun variables). No module reads thes
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass
 
 _SOURCES = (  # (rank, world size, local rank) variable names, by launcher
@@ -41,5 +42,31 @@ def export_torch_env(env: DistEnv, environ=None) -> None:
     target.setdefault("RANK", str(env.rank))
     target.setdefault("WORLD_SIZE", str(env.world_size))
     target.setdefault("LOCAL_RANK", str(env.local_rank))
+    if env.launcher == "SLURM_PROCID":  # plain srun: the allocation's first host, a job port
+        if "MASTER_ADDR" not in target:
+            first = slurm_first_host(target)
+            if first:
+                target["MASTER_ADDR"] = first
+        if "SLURM_JOB_ID" in target:
+            target.setdefault("MASTER_PORT", str(slurm_master_port(target["SLURM_JOB_ID"])))
     target.setdefault("MASTER_ADDR", "127.0.0.1")
     target.setdefault("MASTER_PORT", "29500")
+
+
+def slurm_master_port(job_id: str) -> int:
+    """A port that differs between jobs sharing a node (the sbatch template uses the same)."""
+    return 20000 + int(job_id) % 20000
+
+
+def slurm_first_host(environ) -> str | None:
+    """First host of the job's node list (`scontrol show hostnames`), or None."""
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    hosts = out.stdout.split()
+    return hosts[0] if out.returncode == 0 and hosts else None
