@@ -2,12 +2,10 @@
 sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for the trainer."""
 from __future__ import annotations
 
-import shlex
 import socket
-import subprocess
 
 from dcwdist.launch.config import Job
-from dcwdist.launch.record import write_record
+from dcwdist.launch.record import run_blocking
 
 
 def free_port() -> int:
@@ -26,10 +24,4 @@ def command(job: Job) -> list[str]:
 
 
 def run(job: Job) -> int:
-    cmd = command(job)
-    if job.launch.dry_run:
-        print(shlex.join(cmd))
-        return 0
-    write_record(job, cmd)
-    print(f"dcwdist: {job.launch.world_size} local rank(s) -> {job.run_dir}", flush=True)
-    return subprocess.run(cmd, env=job.worker_env(), cwd=job.launch.workdir).returncode
+    return run_blocking(job, command(job), f"{job.launch.world_size} local rank(s)")

@@ -5,13 +5,12 @@ hydra); the rendezvous host/port are passed to every rank. As root, Open MPI nee
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import subprocess
 
 from dcwdist.launch.config import Job
 from dcwdist.launch.local import free_port
-from dcwdist.launch.record import write_record
+from dcwdist.launch.record import run_blocking
 
 
 def mpirun_path() -> str:
@@ -69,10 +68,4 @@ def command(job: Job, mpirun: str | None = None, kind: str | None = None) -> lis
 
 
 def run(job: Job) -> int:
-    cmd = command(job)
-    if job.launch.dry_run:
-        print(shlex.join(cmd))
-        return 0
-    write_record(job, cmd)
-    print(f"dcwdist: mpirun, {job.launch.world_size} rank(s) -> {job.run_dir}", flush=True)
-    return subprocess.run(cmd, env=job.worker_env(), cwd=job.launch.workdir).returncode
+    return run_blocking(job, command(job), f"mpirun, {job.launch.world_size} rank(s)")

@@ -137,3 +137,14 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
+
+
+def run_blocking(job, cmd: list[str], banner: str) -> int:
+    """Print (dry run) or record and run a launcher command in the foreground; its exit code."""
+    import shlex
+    if job.launch.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    write_record(job, cmd)
+    print(f"dcwdist: {banner} -> {job.run_dir}", flush=True)
+    return subprocess.run(cmd, env=job.worker_env(), cwd=job.launch.workdir).returncode
