@@ -103,9 +103,9 @@ class Trainer:
         self.attn_cfg = AttentionConfig(**vars(cfg.attention))
         self.model = build_model(cfg, self.attn_cfg).to(self.device)
         self.scorer_only = cfg.attention.kind == "dcw" and cfg.segmentation.phase == "scorer"
-        if self.scorer_only:  # phase 1: only the scorer learns, from its labels
-            for name, p in self.model.named_parameters():
-                p.requires_grad_(name.startswith("segmenter."))
+        if cfg.attention.kind == "dcw":  # scorer: only the segmenter; frozen: all but it
+            from dcwdist.segmentation.phases import apply_phase
+            apply_phase(self.model, cfg.segmentation.phase)
         self.backend = None
         self.dims: Optional[ParallelDims] = None
         self.total_steps = sum(s.steps for s in cfg.stages)
