@@ -4,8 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-KINDS = ("dense", "window", "static_sparse", "block_topk", "caa", "dcw")
-BLOCK_KINDS = ("static_sparse", "block_topk", "caa", "dcw")
+KINDS = ("dense", "window", "static_sparse", "block_topk", "caa", "dcw",
+         # window family (windows.py)
+         "multi_window", "s2attn", "random_global",
+         # memory family (memory.py, hyena.py)
+         "hierarchical", "compressed_memory", "hyena")
+BLOCK_KINDS = ("static_sparse", "block_topk", "caa", "dcw", "multi_window", "s2attn",
+               "random_global", "hierarchical", "compressed_memory")
 """Kinds whose pattern is defined on blocks: the packer starts documents at block boundaries."""
 
 
@@ -13,7 +18,7 @@ BLOCK_KINDS = ("static_sparse", "block_topk", "caa", "dcw")
 class AttentionConfig:
     """Attention pattern of every layer (DESIGN.md, "The attention contract")."""
 
-    kind: Literal["dense", "window", "static_sparse", "block_topk", "caa", "dcw"] = "dense"
+    kind: Literal[KINDS] = "dense"
     """Pattern: dense causal, sliding window, or one of the block-sparse kinds."""
     impl: Literal["torch", "triton"] = "torch"
     """torch: chunked reference executor; triton: the block-sparse kernel (same semantics)."""
@@ -39,6 +44,10 @@ class AttentionConfig:
     """caa: hidden width of the 2-layer sigmoid gate."""
     chunk_size: int = 1024
     """Reference executor: queries processed per chunk (bounds its memory)."""
+
+    # -- window family (windows.py) ------------------------------------------------------------
+
+    # -- memory family (memory.py, hyena.py) ---------------------------------------------------
 
     def __post_init__(self):
         self.caa_windows = list(self.caa_windows)

@@ -64,6 +64,10 @@ def _kind_layouts(cfg: AttentionConfig, ctx: AttnContext) -> dict[str, list[Bloc
         from dcwdist.attention.dcw import dcw_plan
         plan = dcw_plan(cfg, ctx)
         return {"local": [plan.local, plan.buffer, plan.strided], "cross": [plan.summary]}
+    from dcwdist.attention.kinds import ATTENTION_KINDS
+    module = ATTENTION_KINDS.get(cfg.kind)
+    if hasattr(module, "flop_layouts"):  # kinds in their own modules say what they compute
+        return module.flop_layouts(cfg, ctx)
     names = {"block_topk": ("block_topk",), "caa": ("caa_global",)}[cfg.kind]
     per_layer = [v for k, v in ctx.cache.items() if isinstance(k, tuple) and k[0] in names]
     if not per_layer:

@@ -110,6 +110,16 @@ ATTENTION_KINDS: dict[str, type[nn.Module]] = {
 }
 
 
+def _register_families() -> None:
+    """Kinds living in their own modules register themselves through a KINDS dict there."""
+    from dcwdist.attention import hyena, memory, windows
+    for mod in (windows, memory, hyena):
+        ATTENTION_KINDS.update(mod.KINDS)
+
+
+_register_families()
+
+
 def build_attention(cfg: AttentionConfig, layer_idx: int, n_heads: int, n_kv_heads: int,
                     head_dim: int) -> nn.Module:
     if cfg.kind not in ATTENTION_KINDS:

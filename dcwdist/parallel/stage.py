@@ -5,13 +5,13 @@ from typing import Optional
 
 from torch import nn
 
-from dcwdist.parallel.zigzag import CP_KINDS, check_shardable
+from dcwdist.parallel.zigzag import check_shardable, cp_kinds
 
 
 def check_cp_stage(attn_cfg, seq_len: int, cp: int, segmenter: Optional[nn.Module]) -> None:
     """One-line errors for what CP cannot run; the scorer learns to read the whole sequence."""
-    if attn_cfg.kind not in CP_KINDS:
-        raise ValueError(f"context parallelism (cp={cp}) supports attention.kind in {CP_KINDS}; "
+    if attn_cfg.kind not in cp_kinds():
+        raise ValueError(f"context parallelism (cp={cp}) supports attention.kind in {cp_kinds()}; "
                          f"got {attn_cfg.kind!r}")
     check_shardable(seq_len, cp, attn_cfg.block_size if attn_cfg.block_based else 1)
     if segmenter is not None:

@@ -21,6 +21,13 @@ from dcwdist.parallel.comm import CommCounter, all_gather
 from dcwdist.parallel.dims import ParallelLayoutError
 
 CP_KINDS = ("dense", "dcw")
+"""Kinds of kinds.py with a CP path; kinds in their own modules set `cp_supported = True`."""
+
+
+def cp_kinds() -> tuple[str, ...]:
+    from dcwdist.attention.kinds import ATTENTION_KINDS
+    return CP_KINDS + tuple(k for k, m in ATTENTION_KINDS.items()
+                            if getattr(m, "cp_supported", False) and k not in CP_KINDS)
 """attention.kind values with a context-parallel path."""
 
 
@@ -102,8 +109,9 @@ def cp_context(batch, kind: str, group, align: int = 1,
     ctx.group selects the attention modules' CP path; ctx.cache["cp_shard"] holds the global
     metadata; ctx.cache["relevance"] stays global (the scorer runs on the whole sequence).
     """
-    if kind not in CP_KINDS:
-        raise ValueError(f"context parallelism supports attention.kind in {CP_KINDS}; got {kind!r}")
+    if kind not in cp_kinds():
+        raise ValueError(f"context parallelism supports attention.kind in {cp_kinds()}; "
+                         f"got {kind!r}")
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     check_shardable(batch.tokens.shape[1], size, align)
     local = shard_batch(batch, size, rank)
