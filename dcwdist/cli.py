@@ -137,6 +137,14 @@ def cmd_tb(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from dcwdist.eval.report import build_report
+
+    print(build_report(args.run_dirs, args.out, args.title))
+    print(f"wrote {args.out}/report.md")
+    return 0
+
+
 def _add_cache_args(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens per answer")
     p.add_argument("--policy", default="full", choices=("full", "window", "h2o", "tier",
@@ -209,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "in RUN_DIR/tb (loss, lr, tokens/s, MFU, memory, scorer metrics).")
     p.add_argument("run_dir", help="run directory written by `dcwdist train`")
     p.set_defaults(func=cmd_tb)
+
+    p = sub.add_parser("report", help="compare finished runs: table + plots",
+                       description="One table and plots over runs: validation loss by stage, "
+                       "retrieval, QA, attention FLOPs vs dense, tokens/s (TensorBoard logs + "
+                       "`dcwdist eval` results).")
+    p.add_argument("run_dirs", nargs="+", help="run directories written by `dcwdist train`")
+    p.add_argument("--out", required=True, help="output folder for report.md and the plots")
+    p.add_argument("--title", default="dcwdist report", help="report heading")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("data", help="data tools: synthetic documents, shards, tokenizers",
                        description="Data tools. See `dcwdist data SUBCOMMAND --help`.")

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -72,11 +73,30 @@ class JobConfig:
             raise ValueError(f"stage attention override: {e}") from None
 
 
+def load_recipe(path: str, _seen: tuple = ()) -> dict:
+    """A recipe's mapping; `base: other.yaml` (relative to the recipe) is loaded first and the
+    recipe merged over it, so an ablation states only what it changes."""
+    path = os.path.abspath(path)
+    if path in _seen:
+        raise ConfigError(f"recipe base cycle: {' -> '.join(_seen + (path,))}")
+    data = load_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a recipe path, got {base!r}")
+    base_path = os.path.join(os.path.dirname(path), base)
+    if not os.path.exists(base_path):
+        raise ConfigError(f"{path}: base recipe {base_path} does not exist")
+    return deep_merge(load_recipe(base_path, _seen + (path,)), data)
+
+
 def load_config(path: Optional[str], overrides: list[str] = ()) -> JobConfig:
-    """Defaults <- recipe YAML <- dotted overrides, validated; errors are one-line ConfigErrors."""
+    """Defaults <- recipe YAML (and its bases) <- dotted overrides, validated; errors are
+    one-line ConfigErrors."""
     data = to_dict(JobConfig())
     if path:
-        data = deep_merge(data, load_yaml(path))
+        data = deep_merge(data, load_recipe(path))
     for item in overrides:
         apply_override(data, item)
     return from_dict(JobConfig, data)

@@ -35,10 +35,21 @@ def encode_prompt(tok, prompt: Prompt) -> tuple[list[int], list[int]]:
     return ids, [ROLE_INSTRUCTION] * len(instr) + [ROLE_DOCUMENT] * len(doc) + [ROLE_ANSWER]
 
 
+def prompt_relevance(tok, prompt: Prompt) -> list[float]:
+    """Relevance label of every prompt token (encode_prompt's order), as in training rows:
+    instruction 1, the document's relevant spans 1, the rest 0, the <answer> token 1."""
+    from dcwdist.data_pipelines.packing import _relevance
+    n_instr = 1 + len(tok.encode(prompt.instruction))
+    _, offsets = tok.encode_with_offsets(prompt.document)
+    return [1.0] * n_instr + [0.0] + _relevance(offsets, prompt.relevant_spans) + [1.0]
+
+
 def prompt_inputs(ids: list[int], roles: list[int], align: int, pad_id: int,
-                  device) -> tuple[torch.Tensor, AttnContext]:
+                  device, relevance: Optional[list[float]] = None
+                  ) -> tuple[torch.Tensor, AttnContext]:
     """tokens [1, Tp] and the context of one document, right-padded to a multiple of `align`
-    (block kinds work on whole blocks; pads carry doc id -1 and change nothing before them)."""
+    (block kinds work on whole blocks; pads carry doc id -1 and change nothing before them).
+    `relevance` (optional, one label per id) goes to ctx.cache for an oracle scorer."""
     T = len(ids)
     Tp = T + (-T) % align
     tokens = torch.full((1, Tp), pad_id, dtype=torch.long)
@@ -49,6 +60,10 @@ def prompt_inputs(ids: list[int], roles: list[int], align: int, pad_id: int,
     role[0, :T] = torch.tensor(roles)
     ctx = AttnContext(doc_ids=doc.to(device), positions=torch.arange(Tp)[None].to(device),
                       roles=role.to(device))
+    if relevance is not None:
+        rel = torch.zeros(1, Tp)
+        rel[0, :T] = torch.tensor(relevance[:T])
+        ctx.cache["relevance"] = rel.to(device)
     return tokens.to(device), ctx
 
 
@@ -144,12 +159,12 @@ class Generation:
 def generate(model, ids: list[int], roles: list[int], max_new_tokens: int,
              cache_cfg: CacheConfig = CacheConfig(), *, align: int = 1, pad_id: int = 0,
              eos_id: Optional[int] = None, head_budget: Optional[HeadBudget] = None,
-             keep_logits: bool = False) -> Generation:
+             keep_logits: bool = False, relevance: Optional[list[float]] = None) -> Generation:
     """Greedy decoding of up to `max_new_tokens` after the prompt, on an evicting KV cache."""
     was_training = model.training
     model.eval()
     dev = model.norm.weight.device
-    tokens, ctx = prompt_inputs(ids, roles, align, pad_id, dev)
+    tokens, ctx = prompt_inputs(ids, roles, align, pad_id, dev, relevance)
     cache = KVCache(cache_cfg, model.cfg.n_layers, model.cfg.n_kv_heads, head_budget)
     logits = prefill(model, tokens, ctx, len(ids), cache)
     out, kept = [], []
@@ -202,8 +217,11 @@ class ModelPredictor:
 
     def __call__(self, prompt: Prompt) -> str:
         ids, roles = encode_prompt(self.tok, prompt)
+        seg = getattr(self.model, "segmenter", None)
+        oracle = seg is not None and seg.cfg.scorer == "oracle"
         gen = generate(self.model, ids, roles, self.max_new_tokens, self.cache_cfg,
                        align=self.align, pad_id=self.tok.pad_id, eos_id=self.eos_id,
-                       head_budget=self.head_budget)
+                       head_budget=self.head_budget,
+                       relevance=prompt_relevance(self.tok, prompt) if oracle else None)
         self.peak_tokens = max(self.peak_tokens, int(gen.peak_sizes.sum()))
         return self.tok.decode([t for t in gen.tokens if t != self.eos_id])

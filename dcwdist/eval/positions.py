@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
-from dcwdist.attention.context import AttnContext
+from dcwdist.attention.context import ROLE_ANSWER, AttnContext
 from dcwdist.data_pipelines.packing import IGNORE, Batch
 
 
@@ -25,11 +26,17 @@ def context_for(batch: Batch) -> AttnContext:
 
 
 @torch.no_grad()
-def loss_by_position(model, batches: list[Batch], max_len: int, chunk: int = 1024) -> list[dict]:
-    """Mean next-token loss per bucket of position-within-document, over all given batches."""
+def loss_by_position(model, batches: list[Batch], max_len: int, chunk: int = 1024,
+                     totals: Optional[dict] = None) -> list[dict]:
+    """Mean next-token loss per bucket of position-within-document, over all given batches.
+
+    `totals` (optional dict) receives "loss" (all loss tokens) and "answer_loss" (tokens
+    predicted at answer positions: the retrieval part of the synthetic task; NaN if none).
+    """
     edges = bucket_edges(max_len)
     sums = torch.zeros(len(edges) - 1, dtype=torch.float64)
     counts = torch.zeros(len(edges) - 1, dtype=torch.float64)
+    ans_sum, ans_n = 0.0, 0
     was_training = model.training
     model.eval()
     for batch in batches:
@@ -44,7 +51,14 @@ def loss_by_position(model, batches: list[Batch], max_len: int, chunk: int = 102
             idx = torch.bucketize(pos, torch.tensor(edges[1:-1], device=pos.device), right=True)
             sums.index_add_(0, idx[valid].cpu(), ce[valid].double().cpu())
             counts.index_add_(0, idx[valid].cpu(), torch.ones_like(ce[valid]).double().cpu())
+            if batch.roles is not None:
+                ans = valid & (batch.roles[:, s:s + chunk] == ROLE_ANSWER)
+                ans_sum += float(ce[ans].double().sum())
+                ans_n += int(ans.sum())
     model.train(was_training)
+    if totals is not None:
+        totals["loss"] = float(sums.sum() / counts.sum().clamp_min(1))
+        totals["answer_loss"] = ans_sum / ans_n if ans_n else float("nan")
     table = []
     for i in range(len(edges) - 1):
         if counts[i] == 0:

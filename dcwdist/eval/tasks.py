@@ -31,6 +31,14 @@ class Prompt:
     """Target prompt length in tokens (the grid's column)."""
     depth: float = 0.0
     """Relative depth of the needle in the document (the grid's row)."""
+    relevant_spans: list = field(default_factory=list)
+    """[start, end) character spans of the document that answer the instruction (the labels
+    an oracle scorer reads)."""
+
+
+def _span_of(doc: str, needle: str) -> list:
+    at = doc.find(needle)
+    return [] if at < 0 else [(at, at + len(needle))]
 
 
 Predictor = Callable[[Prompt], str]
@@ -72,7 +80,7 @@ def needle_prompt(tok, length: int, depth: float, seed: int, index: int = 0) -> 
     budget = length - PROMPT_OVERHEAD - _n_tokens(tok, instruction)
     doc = _haystack(rng, tok, budget, needle, depth, _filler)
     return Prompt(instruction, doc, answer=f" {value}", facts={key: value}, length=length,
-                  depth=depth)
+                  depth=depth, relevant_spans=_span_of(doc, needle))
 
 
 def kv_prompt(tok, length: int, depth: float, seed: int, index: int = 0) -> Prompt:
@@ -93,7 +101,8 @@ def kv_prompt(tok, length: int, depth: float, seed: int, index: int = 0) -> Prom
     budget = length - PROMPT_OVERHEAD - _n_tokens(tok, instruction)
     doc = _haystack(rng, tok, budget, f'"{key}": "{value}", ', depth, pair)
     facts[key] = value
-    return Prompt(instruction, doc, answer=f" {value}", facts=facts, length=length, depth=depth)
+    return Prompt(instruction, doc, answer=f" {value}", facts=facts, length=length, depth=depth,
+                  relevant_spans=_span_of(doc, f'"{key}": "{value}", '))
 
 
 def qa_prompt(tok, length: int, seed: int, index: int, num_facts: int = 4,
@@ -109,7 +118,7 @@ def qa_prompt(tok, length: int, seed: int, index: int, num_facts: int = 4,
             break
         chars = max(16, chars - over - 16)
     return Prompt(ex.instruction, ex.document, answer=ex.answer, facts=dict(ex.facts),
-                  length=length)
+                  length=length, relevant_spans=list(ex.relevant_spans))
 
 
 GridBuilder = Callable[..., Prompt]

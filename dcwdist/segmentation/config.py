@@ -21,6 +21,9 @@ class SegmentationConfig:
     purpose: relevant tokens are rare, so a BCE-trained scorer rarely outputs high scores."""
     tau_buffer: float = 0.1
     """causal mode: score at or above which the next block is buffer (within the cap)."""
+    scorer: Literal["learned", "oracle"] = "learned"
+    """learned: the instruction-aware scorer; oracle: scores are the relevance labels
+    themselves (the upper bound of a perfect scorer; needs labelled data, also at eval)."""
     scorer_layers: int = 4
     """Scorer encoder depth."""
     scorer_dim: int = 128

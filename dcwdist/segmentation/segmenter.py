@@ -63,13 +63,27 @@ class Segmenter(nn.Module):
         mean = (s * scored).sum(-1) / scored.sum(-1).clamp_min(1)
         return torch.where(info.forced, 1.0, torch.where(info.real, mean, 0.0))
 
+    def oracle_scores(self, doc_BT, relevance_BT, roles_BT) -> torch.Tensor:
+        """[B, T] the labels the learned scorer is trained to predict, as scores in {0, 1}."""
+        if self.causal:
+            return lookahead_targets(doc_BT, relevance_BT, self.attn_cfg.block_size)
+        return ((relevance_BT > 0) & (doc_BT >= 0)).float()
+
     def forward(self, h_emb_BTM: torch.Tensor, tokens_BT: torch.Tensor, ctx: AttnContext) -> None:
         cfg, blk = self.cfg, self.attn_cfg.block_size
         doc, roles = ctx.doc_ids, ctx.roles
-        train = cfg.phase != "frozen" and torch.is_grad_enabled()
-        with torch.set_grad_enabled(train):
-            logits = self.scorer(h_emb_BTM, doc, ctx.positions, roles).float()
-        s = torch.sigmoid(logits)
+        relevance = ctx.cache.get("relevance")
+        train = cfg.phase != "frozen" and torch.is_grad_enabled() and cfg.scorer == "learned"
+        if cfg.scorer == "oracle":
+            if relevance is None:
+                raise ValueError("segmentation.scorer=oracle needs relevance labels "
+                                 "(ctx.cache['relevance']); this input has none")
+            s = self.oracle_scores(doc, relevance.to(h_emb_BTM.device), roles)
+            logits = torch.logit(s.clamp(1e-4, 1 - 1e-4))
+        else:
+            with torch.set_grad_enabled(train):
+                logits = self.scorer(h_emb_BTM, doc, ctx.positions, roles).float()
+            s = torch.sigmoid(logits)
         s_in = s.masked_fill(doc < 0, 0.0)
         info = block_info(doc, roles, blk)
         scores = self.block_scores(s_in, doc, roles, info)
@@ -85,7 +99,6 @@ class Segmenter(nn.Module):
         pool = self.attn_cfg.summary_pool
         expected = flops_fraction(*soft_tier_probs(scores, cfg.core_ratio, cfg.buffer_ratio),
                                   costs, info, blk, pool)
-        relevance = ctx.cache.get("relevance")
         bce, target, mask = None, None, None
         if relevance is not None:
             mask = labelled_tokens(doc, relevance)

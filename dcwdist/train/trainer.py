@@ -105,7 +105,12 @@ class Trainer:
         self.scorer_only = cfg.attention.kind == "dcw" and cfg.segmentation.phase == "scorer"
         if cfg.attention.kind == "dcw":  # scorer: only the segmenter; frozen: all but it
             from dcwdist.segmentation.phases import apply_phase
-            apply_phase(self.model, cfg.segmentation.phase)
+            if cfg.segmentation.scorer == "oracle" and cfg.segmentation.phase == "scorer":
+                raise ValueError("segmentation.scorer=oracle has no scorer to train: "
+                                 "use segmentation.phase=joint or frozen")
+            # The oracle reads labels: its unused scorer stays out of the optimizer.
+            apply_phase(self.model, "frozen" if cfg.segmentation.scorer == "oracle"
+                        else cfg.segmentation.phase)
         self.backend = None
         self.dims: Optional[ParallelDims] = None
         self.total_steps = sum(s.steps for s in cfg.stages)
@@ -316,6 +321,8 @@ class Trainer:
                           and self.is_main else "", end="\n" if self.is_main else "")
                 if not cfg.checkpoint.every or self.step % cfg.checkpoint.every:
                     self.save_checkpoint()
+                if i < len(cfg.stages) - 1:  # validation loss by stage (the last: below)
+                    self.evaluate(stage, table=False)
         bar.close()
         weights = self.backend.full_state_dict()  # collective under ZeRO-3
         if self.is_main:
@@ -359,14 +366,23 @@ class Trainer:
                 out[f"alpha/layer{i}"] = float(alpha.detach().float().reshape(-1)[0])
         return out
 
-    def evaluate(self, stage: StageConfig) -> list[dict]:
+    def evaluate(self, stage: StageConfig, table: bool = True) -> list[dict]:
+        """Held-out loss of `stage`'s length: TensorBoard eval/*, and (table) the printed
+        loss-by-position table + eval.json."""
         src = self._rows(stage.seq_len, held_out=True)
         batches = [src.batch(i, 1).to(self.device) for i in range(self.cfg.data.eval_rows)]
+        totals: dict = {}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            table = loss_by_position(self.module, batches, stage.seq_len)
+            rows = loss_by_position(self.module, batches, stage.seq_len, totals=totals)
+        self.log.scalars({f"eval/{k}": v for k, v in totals.items()}
+                         | {"eval/seq_len": stage.seq_len}, self.step)
+        if not table:
+            self.echo(f"eval ({stage.label}): loss {totals['loss']:.4f}, answer tokens "
+                      f"{totals['answer_loss']:.4f}")
+            return rows
         self.echo(f"eval: loss by position within document ({self.cfg.data.eval_rows} held-out "
-                  f"rows of {stage.seq_len} tokens)\n" + format_table(table))
+                  f"rows of {stage.seq_len} tokens)\n" + format_table(rows))
         if self.is_main:
             with open(os.path.join(self.run_dir, "eval.json"), "w") as f:
-                json.dump(table, f, indent=1)
-        return table
+                json.dump(rows, f, indent=1)
+        return rows

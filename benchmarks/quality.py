@@ -1,0 +1,93 @@
+"""Quality study driver: train + evaluate recipes (several at once on one GPU), then report.
+
+    PYTHONPATH=. python benchmarks/quality.py recipes/ablations/quality_*.yaml \
+        --out runs/quality --parallel 4 --budget-s 540
+
+Per recipe: `dcwdist train RECIPE --run-dir OUT/runs/NAME [overrides]`, then `dcwdist eval
+OUT/runs/NAME --suite needle,kv,qa,ppl,speed ...` (its results in OUT/runs/NAME/eval_suite),
+logs in OUT/runs/NAME.log; up to --parallel jobs share the device (small models leave most of
+an H100 idle). A job not started before --budget-s is skipped and listed. At the end one JSON
+line per run (wall seconds, exit codes) and `dcwdist report` over the finished runs (OUT/report).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def job_name(recipe: str) -> str:
+    return os.path.splitext(os.path.basename(recipe))[0]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("recipes", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--parallel", type=int, default=1, help="jobs at once on the device")
+    p.add_argument("--budget-s", type=float, default=0, help="start no job after this (0: none)")
+    p.add_argument("--override", action="append", default=[], help="dotted override, all runs")
+    p.add_argument("--eval-args", default="--suite needle,kv,qa,ppl,speed --lengths 2k,8k "
+                   "--samples 2 --qa-samples 16", help="arguments of `dcwdist eval`")
+    p.add_argument("--no-eval", action="store_true")
+    args = p.parse_args(argv)
+    runs_dir = os.path.join(args.out, "runs")
+    os.makedirs(runs_dir, exist_ok=True)
+    py = [sys.executable, "-m", "dcwdist.cli"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    pending = list(args.recipes)
+    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    done, skipped = [], []
+    t0 = time.perf_counter()
+
+    def start(recipe: str):
+        name = job_name(recipe)
+        run_dir = os.path.join(runs_dir, name)
+        train = py + ["train", recipe, *args.override, "--run-dir", run_dir]
+        cmd = " ".join(train)
+        if not args.no_eval:
+            ev = py + ["eval", run_dir, *args.eval_args.split(), "--no-progress"]
+            cmd += " && " + " ".join(ev)
+        log = open(os.path.join(runs_dir, name + ".log"), "w")
+        log.write(f"$ {cmd}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, shell=True, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                cwd=REPO)
+        running[name] = (proc, time.perf_counter(), log)
+        print(f"[{time.perf_counter() - t0:6.0f}s] start {name}", flush=True)
+
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            if args.budget_s and time.perf_counter() - t0 > args.budget_s:
+                skipped += [job_name(r) for r in pending]
+                pending.clear()
+                break
+            start(pending.pop(0))
+        for name, (proc, ts, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                row = {"run": name, "rc": proc.returncode,
+                       "wall_s": round(time.perf_counter() - ts, 1)}
+                print(json.dumps(row), flush=True)
+                done.append(row)
+                del running[name]
+        time.sleep(1.0)
+    if skipped:
+        print(json.dumps({"skipped_for_budget": skipped}), flush=True)
+    ok = [os.path.join(runs_dir, r["run"]) for r in done if r["rc"] == 0]
+    if ok:
+        from dcwdist.eval.report import build_report
+        build_report(ok, os.path.join(args.out, "report"), "Quality study")
+        print(f"report: {os.path.join(args.out, 'report', 'report.md')}", flush=True)
+    return 0 if all(r["rc"] == 0 for r in done) else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, REPO)
+    sys.exit(main())
