@@ -37,7 +37,7 @@ class SyntheticRows:
                 break
             n_chars = int(rng.integers(self.min_chars, min(self.max_chars, room) + 1))
             # The generator overshoots its target by up to a few sentences: shrink and retry.
-            for _ in range(4):
+            for _ in range(16):
                 ex = make_example(self.seed, index * 1000 + slot, n_chars, self.cfg.num_facts,
                                   self.cfg.specificity, style=self.cfg.generator,
                                   hops=self.cfg.hops)
