@@ -23,6 +23,7 @@ import torch
 from dcwdist.attention.config import AttentionConfig
 from dcwdist.attention.context import TIER_BACKGROUND, TIER_BUFFER, TIER_CORE
 from dcwdist.attention.layouts import compact_far_layout, doc_position, pad_doc, summary_layout
+from dcwdist.parallel.balance import zigzag_sharding
 from dcwdist.parallel.dcw_cp import compact_routes, gather_sizes
 
 
@@ -52,7 +53,7 @@ def dcw_bytes(cfg: AttentionConfig, doc_BT, tiers_BN, P: int, n_kv: int, head_di
               elem: int, sets=None) -> dict:
     B, T = doc_BT.shape
     sets = dcw_compact_sets(cfg, doc_BT, tiers_BN) if sets is None else sets
-    M = gather_sizes(compact_routes(T, P, cfg.block_size, *sets), P)
+    M = gather_sizes(compact_routes(zigzag_sharding(T, P), cfg.block_size, *sets), P)
     unit = {"strided": 2 * n_kv * head_dim,
             "summary": (cfg.block_size // cfg.summary_pool) * 2 * n_kv * head_dim}
     out = ring_bytes(B, T, P, n_kv, head_dim, elem)

@@ -76,9 +76,8 @@ class JobConfig:
 def load_recipe(path: str, _seen: tuple = ()) -> dict:
     """A recipe's mapping; `base: other.yaml` (relative to the recipe) is loaded first and the
     recipe merged over it, so an ablation states only what it changes."""
-    path = os.path.abspath(path)
-    if path in _seen:
-        raise ConfigError(f"recipe base cycle: {' -> '.join(_seen + (path,))}")
+    if os.path.abspath(path) in _seen:
+        raise ConfigError(f"recipe base cycle: {' -> '.join(_seen + (os.path.abspath(path),))}")
     data = load_yaml(path)
     base = data.pop("base", None)
     if base is None:
@@ -88,7 +87,7 @@ def load_recipe(path: str, _seen: tuple = ()) -> dict:
     base_path = os.path.join(os.path.dirname(path), base)
     if not os.path.exists(base_path):
         raise ConfigError(f"{path}: base recipe {base_path} does not exist")
-    return deep_merge(load_recipe(base_path, _seen + (path,)), data)
+    return deep_merge(load_recipe(base_path, _seen + (os.path.abspath(path),)), data)
 
 
 def load_config(path: Optional[str], overrides: list[str] = ()) -> JobConfig:

@@ -35,8 +35,8 @@ def spawn(world: int, checks: list) -> None:
     mp.spawn(_worker, args=(world, free_port(), checks), nprocs=world, join=True)
 
 
-def gather_full(x_local: torch.Tensor, group) -> torch.Tensor:
-    """Zigzag-sharded [B, T/P, ...] -> [B, T, ...] (test side, no autograd)."""
+def gather_full(x_local: torch.Tensor, group, sharding=None) -> torch.Tensor:
+    """Sharded [B, T/P, ...] -> [B, T, ...] (test side, no autograd; zigzag unless `sharding`)."""
     from dcwdist.parallel.zigzag import zigzag_index
     P = dist.get_world_size(group)
     parts = [torch.empty_like(x_local) for _ in range(P)]
@@ -44,5 +44,6 @@ def gather_full(x_local: torch.Tensor, group) -> torch.Tensor:
     T = x_local.shape[1] * P
     out = x_local.new_zeros((x_local.shape[0], T) + tuple(x_local.shape[2:]))
     for r, part in enumerate(parts):
-        out[:, zigzag_index(T, P, r)] = part
+        idx = zigzag_index(T, P, r) if sharding is None else sharding.index(r)
+        out[:, idx] = part
     return out

@@ -79,3 +79,20 @@ def test_cli_help_explains_every_subcommand():
         sub_out = subprocess.run([sys.executable, "-m", "dcwdist.cli", sub, "--help"],
                                  capture_output=True, text=True, check=True).stdout
         assert "usage: dcwdist " + sub in sub_out
+
+
+def test_recipe_base_is_merged_under_the_recipe(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\noptim: {lr: 0.5, warmup_steps: 7}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nname: child\noptim: {lr: 0.25}\n")
+    cfg = load_config(str(tmp_path / "child.yaml"))
+    assert (cfg.name, cfg.optim.lr, cfg.optim.warmup_steps) == ("child", 0.25, 7)
+
+
+def test_recipe_base_cycle_and_missing_base_fail_in_one_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="recipe base cycle"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_config(str(tmp_path / "c.yaml"))

@@ -160,7 +160,7 @@ def test_layout_errors_are_one_line():
     with pytest.raises(ParallelLayoutError, match="not divisible") as e:
         ParallelDims(world_size=3, cp=2)
     assert "\n" not in str(e.value)
-    attn = AttentionConfig(kind="caa", block_size=8)
+    attn = AttentionConfig(kind="block_topk", block_size=8)  # no CP path yet
     with pytest.raises(ValueError, match="supports attention.kind") as e:
         check_cp_stage(attn, 128, 2, None)
     assert "\n" not in str(e.value)

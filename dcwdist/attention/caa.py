@@ -50,6 +50,16 @@ def caa_block_choices(candidates: list[int], doc_BT: torch.Tensor, blk: int, c: 
     return width, k
 
 
+def caa_local_layouts(cfg: AttentionConfig, doc_BT: torch.Tensor):
+    """(one window layout per candidate width over disjoint rows, global k [B, NQ]): depends on
+    the doc ids only, so it is built once per forward and shared by every layer."""
+    blk = cfg.block_size
+    width, k = caa_block_choices(cfg.caa_windows, doc_BT, blk, cfg.caa_c)
+    local = [local_layout(doc_BT, blk, torch.where(width == w, ROW_WINDOW, ROW_NONE), w)
+             for w in sorted(set(cfg.caa_windows))]
+    return local, k
+
+
 class CAAAttention(nn.Module):
     """Context-adaptive attention; owns the gate MLP."""
 
@@ -66,23 +76,27 @@ class CAAAttention(nn.Module):
         cfg, blk = self.cfg, self.cfg.block_size
         key = ("caa_local", blk, tuple(cfg.caa_windows), cfg.caa_c)
         if key not in ctx.cache:  # depends on doc ids only: built once, shared by all layers
-            width, k = caa_block_choices(cfg.caa_windows, ctx.doc_ids, blk, cfg.caa_c)
-            local = [local_layout(ctx.doc_ids, blk, torch.where(width == w, ROW_WINDOW, ROW_NONE), w)
-                     for w in sorted(set(cfg.caa_windows))]
-            ctx.cache[key] = (local, k)
+            ctx.cache[key] = caa_local_layouts(cfg, ctx.doc_ids)
         local, k = ctx.cache[key]
         scores = pooled_block_scores(q_BTHD, k_BTKD, ctx.doc_ids, blk, k_BTKD.shape[2])
         glob = topk_layout(ctx.doc_ids, blk, scores, k)
         ctx.cache[("caa_global", self.layer_idx)] = glob
         return local, glob
 
+    def gate_values(self, v_BTKD: torch.Tensor) -> torch.Tensor:
+        """g [B, T, H, 1] from each token's values (per token: local under context parallelism)."""
+        B, T = v_BTKD.shape[:2]
+        return torch.sigmoid(self.gate(v_BTKD.reshape(B, T, -1)))[..., None]
+
     def forward(self, q_BTHD, k_BTKD, v_BTKD, ctx: AttnContext):
+        if ctx.group is not None:  # context parallel: this rank's shard, K/V over the ring
+            from dcwdist.parallel.caa_cp import caa_cp_attention
+            return caa_cp_attention(self, q_BTHD, k_BTKD, v_BTKD, ctx)
         cfg = self.cfg
         local_lays, global_lay = self.layouts(q_BTHD, k_BTKD, ctx)
         # Rows of the per-width layouts are disjoint: merging by LSE just picks each row's own.
         local, _ = merge_partials([attend_layout(q_BTHD, k_BTKD, v_BTKD, lay, None, cfg.impl,
                                                  cfg.chunk_size) for lay in local_lays])
         glob, _ = attend_layout(q_BTHD, k_BTKD, v_BTKD, global_lay, None, cfg.impl, cfg.chunk_size)
-        B, T = v_BTKD.shape[:2]
-        g = torch.sigmoid(self.gate(v_BTKD.reshape(B, T, -1)))[..., None]  # [B, T, H, 1]
+        g = self.gate_values(v_BTKD)
         return (g * local + (1 - g) * glob).to(q_BTHD.dtype)

@@ -112,7 +112,7 @@ class DCWAttention(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(1))  # [1], not 0-dim: DeepSpeed broadcasts views
 
     def forward(self, q_BTHD, k_BTKD, v_BTKD, ctx: AttnContext):
-        if ctx.group is not None:  # context parallel: this rank's zigzag shard
+        if ctx.group is not None:  # context parallel: this rank's shard (parallel/balance.py)
             from dcwdist.parallel.dcw_cp import dcw_cp_attention
             return dcw_cp_attention(self, q_BTHD, k_BTKD, v_BTKD, ctx)
         cfg, plan = self.cfg, dcw_plan(self.cfg, ctx)

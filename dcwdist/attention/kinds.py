@@ -5,6 +5,8 @@ attention output [B,T,H,D]. Kinds with learned parts (DCW's alpha, CAA's gate) o
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,8 +68,11 @@ def _run_local(cfg: AttentionConfig, q, k, v, ctx: AttnContext, row_kind: int, w
     if key not in ctx.cache:
         rows = torch.full_like(ctx.doc_ids[:, ::cfg.block_size], row_kind)
         ctx.cache[key] = local_layout(ctx.doc_ids, cfg.block_size, rows, window)
+    T, pad = q.shape[1], (-q.shape[1]) % cfg.block_size
+    if pad:  # the kernel tiles whole blocks: zero-pad (pads are doc -1, read by nothing)
+        q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
     out, _ = attend_layout(q, k, v, ctx.cache[key], None, cfg.impl, cfg.chunk_size)
-    return out
+    return out[:, :T]
 
 
 def static_sparse_layouts(cfg: AttentionConfig, ctx: AttnContext):
@@ -121,8 +126,11 @@ _register_families()
 
 
 def build_attention(cfg: AttentionConfig, layer_idx: int, n_heads: int, n_kv_heads: int,
-                    head_dim: int) -> nn.Module:
+                    head_dim: int, n_layers: Optional[int] = None) -> nn.Module:
+    """The layer's attention module; n_layers (the model depth) serves per-layer windows."""
     if cfg.kind not in ATTENTION_KINDS:
         raise ValueError(f"attention.kind={cfg.kind} is not available; available: "
                          f"{', '.join(sorted(ATTENTION_KINDS))}")
-    return ATTENTION_KINDS[cfg.kind](cfg, layer_idx, n_heads, n_kv_heads, head_dim)
+    module = ATTENTION_KINDS[cfg.kind](cfg, layer_idx, n_heads, n_kv_heads, head_dim)
+    module.n_layers = n_layers  # read by windows.layer_window (window_schedule / window_growth)
+    return module

@@ -24,12 +24,13 @@ from dcwdist.attention.layouts import pad_doc, topk_layout
 
 
 @torch.no_grad()
-def pooled_block_scores(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, doc_BT: torch.Tensor,
-                        blk: int, groups: int) -> torch.Tensor:
-    """[B, G, NQ, NK] score of each query block against each key block, per kv-head group.
+def pooled_block_means(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, doc_BT: torch.Tensor,
+                       blk: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled queries, pooled keys), each [B, NB, G, D] fp32: every block's mean over its real
+    tokens (padding values never move a choice) and over the group's heads.
 
-    Means run over a block's real tokens only (padding values never move a choice) and over the
-    group's heads. Selection is discrete, so no gradient flows through it.
+    Each block's means depend on that block's tokens only, so a context-parallel rank computes
+    its own blocks' and all-gathers them (dcwdist.parallel.caa_cp).
     """
     B, T, H, D = q_BTHD.shape
     Hkv = k_BTKD.shape[2]
@@ -41,10 +42,28 @@ def pooled_block_scores(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, doc_BT: torc
         x = F.pad(x.float(), (0, 0, 0, 0, 0, NB * blk - T)).view(B, NB, blk, x.shape[2], D)
         return (x * real).sum(2) / count  # [B, NB, heads, D]
 
-    q_m = pool(q_BTHD).view(B, NB, groups, H // groups, D).mean(3)
-    q_m = F.pad(q_m, (0, 0, 0, 0, 1, 0))[:, :NB]  # block b scored by block b-1's queries
-    k_m = pool(k_BTKD).view(B, NB, groups, Hkv // groups, D).mean(3)
+    return (pool(q_BTHD).view(B, NB, groups, H // groups, D).mean(3),
+            pool(k_BTKD).view(B, NB, groups, Hkv // groups, D).mean(3))
+
+
+@torch.no_grad()
+def scores_from_means(q_m: torch.Tensor, k_m: torch.Tensor) -> torch.Tensor:
+    """[B, G, NQ, NK] from the whole sequence's pooled means [B, NB, G, D]: query block b is
+    scored by block b - 1's pooled queries (module docstring)."""
+    NB, D = q_m.shape[1], q_m.shape[-1]
+    q_m = F.pad(q_m, (0, 0, 0, 0, 1, 0))[:, :NB]
     return torch.einsum("bqgd,bkgd->bgqk", q_m, k_m) * D ** -0.5
+
+
+@torch.no_grad()
+def pooled_block_scores(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, doc_BT: torch.Tensor,
+                        blk: int, groups: int) -> torch.Tensor:
+    """[B, G, NQ, NK] score of each query block against each key block, per kv-head group.
+
+    Means run over a block's real tokens only and over the group's heads. Selection is
+    discrete, so no gradient flows through it.
+    """
+    return scores_from_means(*pooled_block_means(q_BTHD, k_BTKD, doc_BT, blk, groups))
 
 
 def block_topk_layout(q_BTHD, k_BTKD, doc_BT, blk: int, k: int) -> BlockLayout:

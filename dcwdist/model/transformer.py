@@ -49,7 +49,8 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * E, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * E, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * E, cfg.dim, bias=False)
-        self.attn = build_attention(attn_cfg, layer_idx, cfg.n_heads, cfg.n_kv_heads, E)
+        self.attn = build_attention(attn_cfg, layer_idx, cfg.n_heads, cfg.n_kv_heads, E,
+                                    n_layers=cfg.n_layers)
 
     def forward(self, x_BTD, cos, sin, ctx: AttnContext):
         B, T, _ = x_BTD.shape
@@ -142,6 +143,12 @@ class Transformer(nn.Module):
         h = self.embed_tokens(tokens_BT)
         if self.segmenter is not None:
             self.segmenter(h, tokens_BT, ctx)
+            if ctx.group is not None:  # context parallel: re-deal the shards by the tiers' work
+                from dcwdist.parallel.balance import rebalance
+                moved = rebalance(ctx, self.attn_cfg, labels_BT is not None)
+                if moved is not None:
+                    tokens_BT, labels_BT = moved
+                    h = self.embed_tokens(tokens_BT)
         cos, sin = rope_cos_sin(self.rope_cfg, self.cfg.head_dim, ctx.positions, h.dtype)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():

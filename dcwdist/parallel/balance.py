@@ -3,36 +3,38 @@
 A Sharding is a permutation of the T tokens into P equal rank-major slices: rank r holds the
 global tokens order[r * Tl : (r + 1) * Tl] (Tl = T / P) in that local order. Tokens move in
 contiguous runs of `unit` tokens, each landing at a local offset that is a multiple of `unit`,
-so any layout whose blocks divide `unit` keeps whole blocks on one rank (block b of the global
-sequence is local block owner(b * blk)[1] // blk of its owner). Every CP path goes through
-`index(rank)` (a rank's global tokens) and `owner(tok)` (a global token's rank and local slot);
-nothing else assumes a closed form.
+so a layout whose blocks divide `unit` keeps every block whole on one rank (global block b is
+local block owner(b * blk)[1] // blk of rank owner(b * blk)[0]). CP code reaches other ranks'
+tokens only through `index(rank)` and `owner(tok)`; nothing else assumes a closed form.
 
 Schemes (parallel.cp_balance):
   zigzag  2P chunks of C = T / 2P; rank r holds chunks r and 2P - 1 - r. Balances one causal
-          document per row; on packed rows the work of a rank is ~ the sum over its tokens of
-          their position within their document, which zigzag does not balance.
-  doc     blocks of `unit` tokens weighted by their dense causal work within their document
-          (sum over the block's real tokens of doc position + 1, summed over the batch rows):
-          sorted by weight (ties: lower block first) and dealt to ranks in snake order
-          (0..P-1, P-1..0, ...), then each rank's blocks kept in ascending global order. Every
-          rank gets T / P tokens and the same assignment from the global doc ids alone (no
-          communication). Equal counts and equal position sums balance any per-block cost
-          affine in the doc position (dense; DCW in expectation over its tiers). When zigzag
-          is already within ZIGZAG_SLACK of the mean (one document per row, or nearly), zigzag
-          is kept: contiguous chunks need no per-block bookkeeping.
+          document per row. On packed rows a rank's dense work is ~ the sum over its tokens of
+          their position within their document, which zigzag leaves unbalanced (up to ~2x
+          between ranks on long-tailed packs: benchmarks/cp_balance.py).
+  doc     blocks of `unit` = attention.block_size tokens weighted by the attention work of their
+          real tokens (block_work: exact allowed query-key pairs of the kind's layouts), summed
+          over the batch's rows; heaviest first, each block goes to the least-loaded rank that
+          still has room for it (LPT with equal counts; ties to the lower rank), then each rank
+          keeps its blocks in ascending order. Every rank computes the same assignment from the
+          global doc ids (and, for DCW, the global tiers) -- no communication. Zigzag is kept
+          when it is already within ZIGZAG_SLACK of the mean (one document per row, dense).
 
-A permutation shared by the batch's rows keeps index(rank) one [Tl] vector for every row; it
-balances the rows' summed work, which is what a rank computes.
+DCW's work depends on the tiers, which the scorer decides inside the forward; with cp_balance
+"doc" the Transformer calls `rebalance` right after the segmenter, which re-deals the blocks by
+the tiers' work (the scorer runs on the gathered sequence, so only the embedding lookup is
+redone: no activations move). A permutation shared by the batch's rows keeps index(rank) one
+[Tl] vector; it balances the rows' summed work, which is what a rank computes.
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from dcwdist.attention.layouts import doc_position, pad_doc
+from dcwdist.attention.layouts import doc_position, doc_start, pad_doc
 
 SCHEMES = ("zigzag", "doc")
 ZIGZAG_SLACK = 0.02
@@ -79,7 +81,7 @@ class Sharding:
         return s // self.local_len, s % self.local_len
 
     def shard(self, x_BT: torch.Tensor, rank: int) -> torch.Tensor:
-        """[B, T, ...] -> this rank's [B, Tl, ...]."""
+        """[B, T, ...] -> `rank`'s [B, Tl, ...]."""
         return x_BT[:, self.index(rank).to(x_BT.device)]
 
     def unshard(self, parts_PBT: torch.Tensor) -> torch.Tensor:
@@ -102,59 +104,159 @@ def zigzag_sharding(seq_len: int, size: int, device=None) -> Sharding:
     return Sharding(order, size, seq_len // (2 * size), "zigzag")
 
 
-def block_work(doc_BT: torch.Tensor, blk: int) -> torch.Tensor:
-    """[NB] int64 dense causal key count of every block within its document, summed over rows."""
+# -- work per block: allowed query-key pairs of the kind's layouts, exactly ----------------------
+def _token_terms(doc_BT: torch.Tensor, blk: int):
+    """Padded doc ids, doc position p [B, T'] and real-token mask (int64)."""
     doc = pad_doc(doc_BT, blk)
-    work = (doc_position(doc) + 1) * (doc >= 0)
-    return work.view(doc.shape[0], -1, blk).sum((0, 2))
+    return doc, doc_position(doc), (doc >= 0).long()
 
 
+def _per_block(x_BT: torch.Tensor, blk: int) -> torch.Tensor:
+    return x_BT.view(x_BT.shape[0], -1, blk).sum(-1)  # [B, NB]
+
+
+def dcw_block_pairs(cfg, doc_BT: torch.Tensor, tiers_BN: torch.Tensor) -> torch.Tensor:
+    """[B, NB] DCW pairs per block: core p + 1; buffer min(p + 1, bw) + strided keys; background
+    min(p + 1, window); non-core + (blk / pool) x the document's core blocks before the block."""
+    from dcwdist.attention.context import TIER_BUFFER, TIER_CORE
+    blk = cfg.block_size
+    doc, p, real = _token_terms(doc_BT, blk)
+    bw, w, st = cfg.buffer_window, cfg.window, cfg.stride
+    strided = torch.where(p >= bw, torch.div(p - bw, st, rounding_mode="floor") + 1, 0)
+    terms = {"core": p + 1, "buffer": (p + 1).clamp(max=bw) + strided,
+             "background": (p + 1).clamp(max=w)}
+    core, buf = tiers_BN == TIER_CORE, tiers_BN == TIER_BUFFER
+    c = {k: _per_block(v * real, blk) for k, v in terms.items()}
+    work = torch.where(core, c["core"], torch.where(buf, c["buffer"], c["background"]))
+    before = core.long().cumsum(1) - core.long()  # core blocks before b in the row
+    start = doc_start(doc)[:, ::blk] // blk  # first block of the block's document
+    before = before - before.gather(1, start)
+    return work + (~core) * _per_block(real, blk) * before * (blk // cfg.summary_pool)
+
+
+def caa_block_pairs(cfg, doc_BT: torch.Tensor) -> torch.Tensor:
+    """[B, NB] CAA pairs per block: window min(p + 1, width) plus min(k, earlier document
+    blocks) whole blocks and the causal diagonal (width, k from the document's length)."""
+    from dcwdist.attention.caa import caa_block_choices
+    blk = cfg.block_size
+    doc, p, real = _token_terms(doc_BT, blk)
+    width, k = caa_block_choices(cfg.caa_windows, doc_BT, blk, cfg.caa_c)
+    per_tok = lambda x: x.repeat_interleave(blk, 1)  # noqa: E731
+    in_blk = p % blk  # documents start at block boundaries (caa is block-based)
+    earlier = torch.div(p, blk, rounding_mode="floor")
+    pairs = ((p + 1).clamp(max=per_tok(width)) + torch.minimum(earlier, per_tok(k)) * blk
+             + in_blk + 1)
+    return _per_block(pairs * real, blk)
+
+
+def block_work(attn_cfg, doc_BT: torch.Tensor, tiers_BN: Optional[torch.Tensor] = None,
+               blk: Optional[int] = None) -> torch.Tensor:
+    """[NB] int64 attention pairs of every block of `blk` tokens, summed over the rows.
+
+    dcw with tiers and caa count their own layouts; a kind module may define
+    `cp_block_work(attn_cfg, doc_BT, blk) -> [NB]`; everything else (and dcw before its tiers
+    exist) counts dense causal pairs within the document, sum of (p + 1) over real tokens.
+    """
+    blk = attn_cfg.block_size if blk is None else blk
+    from dcwdist.attention.kinds import ATTENTION_KINDS
+    hook = getattr(ATTENTION_KINDS.get(attn_cfg.kind), "cp_block_work", None)
+    if hook is not None:  # kinds in their own modules may count their own layouts' pairs
+        return hook(attn_cfg, doc_BT, blk)
+    if attn_cfg.kind == "dcw" and tiers_BN is not None:
+        return dcw_block_pairs(attn_cfg, doc_BT, tiers_BN).sum(0)
+    if attn_cfg.kind == "caa":
+        return caa_block_pairs(attn_cfg, doc_BT).sum(0)
+    _, p, real = _token_terms(doc_BT, blk)
+    return _per_block((p + 1) * real, blk).sum(0)
+
+
+# -- assignment ----------------------------------------------------------------------------------
 def rank_loads(work_N: torch.Tensor, sharding: Sharding, unit: int) -> torch.Tensor:
     """[P] summed work of each rank for per-unit work [T / unit] (unit divides sharding.unit)."""
-    first = sharding.order[::unit]  # first token of every local unit, rank-major
+    first = sharding.order[::unit].to(work_N.device)  # first token of every local unit
     return work_N[first // unit].view(sharding.size, -1).sum(1)
 
 
-def snake_blocks(work_N: torch.Tensor, size: int) -> torch.Tensor:
-    """[P, N / P] block indices of each rank: heaviest first in snake order, then ascending."""
-    N = work_N.numel()
-    by_work = torch.argsort(-work_N, stable=True)
-    i = torch.arange(N, device=work_N.device)
-    lane = i % size
-    rank = torch.where((i // size) % 2 == 0, lane, size - 1 - lane)
-    owned = torch.argsort(rank * N + by_work)  # grouped by rank, each group by block index
-    return by_work[owned].view(size, N // size)
+def lpt_blocks(work_N: torch.Tensor, size: int) -> torch.Tensor:
+    """[P, N / P] blocks of each rank: heaviest first to the least-loaded rank with room."""
+    w = work_N.tolist()
+    N, cap = len(w), len(w) // size
+    heap = [(0, r) for r in range(size)]  # (load, rank): ties go to the lower rank
+    owned: list[list[int]] = [[] for _ in range(size)]
+    for b in sorted(range(N), key=lambda i: (-w[i], i)):
+        load, r = heapq.heappop(heap)
+        owned[r].append(b)
+        if len(owned[r]) < cap:
+            heapq.heappush(heap, (load + w[b], r))
+    return torch.tensor([sorted(o) for o in owned], dtype=torch.int64)
 
 
-def doc_sharding(doc_BT: torch.Tensor, size: int, blk: int) -> Sharding:
-    """Blocks of `blk` tokens dealt to ranks by their within-document causal work (snake)."""
-    T = doc_BT.shape[1]
-    blocks = snake_blocks(block_work(doc_BT, blk), size)  # [P, NB / P]
-    order = (blocks[..., None] * blk + torch.arange(blk, device=blocks.device)).reshape(T)
+def doc_sharding(work_N: torch.Tensor, size: int, blk: int, device=None) -> Sharding:
+    """Blocks of `blk` tokens dealt to ranks by their work (lpt_blocks)."""
+    blocks = lpt_blocks(work_N.cpu(), size).to(device)  # [P, NB / P]
+    order = (blocks[..., None] * blk + torch.arange(blk, device=device)).reshape(-1)
     return Sharding(order, size, blk, "doc")
 
 
-def make_sharding(doc_BT: torch.Tensor, size: int, scheme: str = "zigzag",
-                  blk: int = 0) -> Sharding:
+def make_sharding(doc_BT: torch.Tensor, size: int, scheme: str = "zigzag", attn_cfg=None,
+                  tiers_BN: Optional[torch.Tensor] = None) -> Sharding:
     """The sharding of a batch with global doc ids doc_BT [B, T] over `size` ranks.
 
-    scheme "doc" needs `blk` (the attention block) to divide the zigzag chunk T / 2P; it falls
-    back to zigzag when that does not hold or when zigzag is already balanced.
+    "doc" deals attention.block_size blocks by block_work; it falls back to zigzag when the block
+    does not divide the zigzag chunk T / 2P, or when zigzag is already balanced.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"parallel.cp_balance must be one of {SCHEMES}, got {scheme!r}")
     T, dev = doc_BT.shape[1], doc_BT.device
     zig = zigzag_sharding(T, size, dev)
+    blk = 0 if attn_cfg is None else attn_cfg.block_size
     if scheme == "zigzag" or blk < 1 or zig.unit % blk:
         return zig
-    work = block_work(doc_BT, blk)
+    work = block_work(attn_cfg, doc_BT, tiers_BN)
     zig_load = rank_loads(work, zig, blk).double()
     if float(zig_load.max()) <= (1 + ZIGZAG_SLACK) * float(zig_load.mean()):
         return zig
-    return doc_sharding(doc_BT, size, blk)
+    return doc_sharding(work, size, blk, dev)
 
 
 def load_spread(loads_P: torch.Tensor) -> float:
-    """(max - min) / max of per-rank loads: 0 is perfect balance."""
-    hi = float(loads_P.max())
-    return 0.0 if hi == 0 else (hi - float(loads_P.min())) / hi
+    """max / min - 1 of per-rank loads: 0 is perfect balance (inf when a rank has none)."""
+    lo, hi = float(loads_P.min()), float(loads_P.max())
+    return 0.0 if hi == 0 else (float("inf") if lo == 0 else hi / lo - 1)
+
+
+def rebalance(ctx, attn_cfg, with_labels: bool):
+    """After the scorer (DCW): re-deal this batch's blocks by the tiers' work.
+
+    Updates the CP shard's sharding and ctx's local doc ids / positions / roles in place and
+    returns this rank's new (tokens [B, Tl], labels [B, Tl] or None); None when the shard keeps
+    its sharding (cp_balance "zigzag", no tiers, or the same assignment).
+    """
+    shard = ctx.cache.get("cp_shard")
+    if (shard is None or shard.balance != "doc" or ctx.tiers is None or shard.tokens is None
+            or (with_labels and shard.labels is None)):
+        return None
+    new = make_sharding(shard.doc_ids, shard.size, "doc", attn_cfg, ctx.tiers)
+    if torch.equal(new.order, shard.sharding.order):
+        return None
+    shard.sharding = new
+    r = shard.rank
+    ctx.doc_ids, ctx.positions = new.shard(shard.doc_ids, r), new.shard(shard.positions, r)
+    ctx.roles = None if shard.roles is None else new.shard(shard.roles, r)
+    labels = new.shard(shard.labels, r) if with_labels else None
+    return new.shard(shard.tokens, r), labels
+
+
+def rank_pairs(layouts, sharding: Sharding, n_heads: Optional[int] = None) -> torch.Tensor:
+    """[P] allowed query-key pairs of each rank's query tokens under global layouts.
+
+    The FLOPs counter's per-token pair counts (attention.flops.layout_pairs, summed over rows
+    and query heads: head h uses group h // (H / G)) restricted to the rank's tokens; x 4 *
+    head_dim is the rank's attention FLOPs. n_heads defaults to the largest group count.
+    """
+    from dcwdist.attention.flops import layout_pairs
+    H = max(lay.groups for lay in layouts) if n_heads is None else n_heads
+    T = sharding.seq_len
+    per_tok = sum(layout_pairs(lay).sum(0)[:, :T].sum(0) * (H // lay.groups) for lay in layouts)
+    return torch.stack([per_tok[sharding.index(r).to(per_tok.device)].sum()
+                        for r in range(sharding.size)])

@@ -13,7 +13,14 @@ class ParallelConfig:
     """Context-parallel degree (ranks sharing one sequence); stage.cp overrides it."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto = nccl on GPU, gloo on CPU."""
+    cp_balance: Literal["zigzag", "doc"] = "doc"
+    """Which tokens each cp rank holds: zigzag chunks, or attention blocks dealt by their work
+    within their documents (equal per-rank attention FLOPs on packed rows; DCW re-deals by its
+    tiers after the scorer; zigzag is kept where it is already balanced). parallel/balance.py."""
 
     def __post_init__(self):
         if self.cp < 1:
             raise ValueError(f"parallel.cp must be >= 1, got {self.cp}")
+        if self.cp_balance not in ("zigzag", "doc"):
+            raise ValueError(f"parallel.cp_balance must be 'zigzag' or 'doc', got "
+                             f"{self.cp_balance!r}")

@@ -1,7 +1,11 @@
 """DCW attention under context parallelism, equal to the single-process pattern.
 
-Shapes: q_BTHD [B, Tl, H, D] local zigzag shard (Tl = T / P); k/v [B, Tl, Hkv, D]; tiers and
+Shapes: q_BTHD [B, Tl, H, D] this rank's shard (Tl = T / P); k/v [B, Tl, Hkv, D]; tiers and
 block scores are global [B, NB] on every rank (the scorer runs on the gathered sequence).
+Which tokens a rank holds is shard.sharding (balance.py: zigzag, or whole blocks dealt by their
+work with parallel.cp_balance = "doc", re-dealt by the tiers after the scorer); every lookup of
+another rank's tokens goes through shard.index(rank) / shard.owner(tok), so nothing here
+depends on the scheme beyond blocks dividing the sharding unit.
 
 Every rank builds the same global DCWPlan from the global doc ids and tiers, then takes its own
 query rows of each layout. What the pattern needs from other ranks, and how it gets here:
@@ -18,7 +22,7 @@ query rows of each layout. What the pattern needs from other ranks, and how it g
 | block scores / tiers        | none: computed on every rank         | 0 (scorer input: see segmenter)    |
 
 Core attention ships K/V, not Q (the simple exact choice; Q shipping is not implemented).
-Halos ride the ring with the core K/V: windows read whichever step holds the preceding chunk,
+Halos ride the ring with the core K/V: windows read whichever step holds the preceding blocks,
 which costs nothing extra while any core block needs the ring (a document's first block is
 always core in causal mode). Memory per rank: local K/V + one in-flight K/V + the gathered
 strided and summary sets + the plan's int layouts (built globally: a later version builds only
@@ -32,20 +36,21 @@ import torch.nn.functional as F
 from dcwdist.attention.dcw import build_dcw_plan, pool_summaries
 from dcwdist.attention.executor import attend_layout, merge_partials
 from dcwdist.attention.layout import BlockLayout
+from dcwdist.parallel.balance import Sharding
 from dcwdist.parallel.comm import all_gather
 from dcwdist.parallel.ring import ring_attention
-from dcwdist.parallel.zigzag import CPShard, zigzag_owner
+from dcwdist.parallel.zigzag import CPShard
 
 
 def local_blocks(shard: CPShard, blk: int) -> torch.Tensor:
-    """Global block indices of this rank's tokens, in local order."""
+    """Global block indices of this rank's tokens, in local order (blk divides shard.unit)."""
     return shard.index()[::blk] // blk
 
 
 def _rows(layout: BlockLayout, q_blocks: torch.Tensor):
-    """Entries of the rows (b, q_blocks) of a G = 1 layout: (new row of entry, entry index)."""
-    B, NQ, dev = layout.batch, layout.num_q_blocks, layout.indptr.device
-    rows = (torch.arange(B, device=dev)[:, None] * NQ + q_blocks[None, :]).reshape(-1)
+    """Entries of the rows (b, g, q_blocks) of a layout: (new row of entry, entry index, rows)."""
+    BG, NQ, dev = layout.batch * layout.groups, layout.num_q_blocks, layout.indptr.device
+    rows = (torch.arange(BG, device=dev)[:, None] * NQ + q_blocks[None, :]).reshape(-1)
     start, count = layout.indptr[rows], layout.indptr[rows + 1] - layout.indptr[rows]
     new_row = torch.repeat_interleave(torch.arange(rows.numel(), device=dev), count)
     off = torch.arange(new_row.numel(), device=dev) - F.pad(torch.cumsum(count, 0), (1, 0))[new_row]
@@ -58,15 +63,13 @@ def _q_side(layout: BlockLayout, shard: CPShard):
 
 
 def select_rows(layout: BlockLayout, shard: CPShard) -> BlockLayout:
-    """This rank's query rows of a global layout; its key set is unchanged."""
-    if layout.groups != 1:
-        raise ValueError("select_rows needs a layout shared by all heads (groups=1)")
+    """This rank's query rows of a global layout (every head group); its key set is unchanged."""
     q_blocks = local_blocks(shard, layout.q_block)
     new_row, entry, R = _rows(layout, q_blocks)
     indptr = F.pad(torch.cumsum(torch.bincount(new_row, minlength=R), 0), (1, 0))
     q_pos, q_doc = _q_side(layout, shard)
     return BlockLayout(indptr=indptr, kv_block=layout.kv_block[entry], mode=layout.mode[entry],
-                       batch=layout.batch, groups=1, num_q_blocks=q_blocks.numel(),
+                       batch=layout.batch, groups=layout.groups, num_q_blocks=q_blocks.numel(),
                        num_k_blocks=layout.num_k_blocks, q_block=layout.q_block,
                        k_block=layout.k_block, q_pos=q_pos, k_pos=layout.k_pos,
                        window=layout.window, far=layout.far, q_doc=q_doc, k_doc=layout.k_doc)
@@ -74,14 +77,16 @@ def select_rows(layout: BlockLayout, shard: CPShard) -> BlockLayout:
 
 def split_by_source(layout: BlockLayout, shard: CPShard) -> list[BlockLayout]:
     """A global (full sequence x full sequence) layout as ring steps: entry s holds this rank's
-    rows over the key blocks of rank (r - s) mod P, renumbered into that rank's local blocks."""
+    rows (every head group) over the key blocks of rank (r - s) mod P, renumbered into that
+    rank's local blocks. Key blocks must divide the sharding's unit (whole blocks per rank)."""
     blk, P, r = layout.k_block, shard.size, shard.rank
+    if shard.unit % blk or shard.unit % layout.q_block:
+        raise ValueError(f"layout blocks ({layout.q_block}, {blk}) must divide the cp "
+                         f"sharding unit ({shard.unit} tokens)")
     q_blocks = local_blocks(shard, layout.q_block)
     new_row, entry, R = _rows(layout, q_blocks)
-    kv = layout.kv_block[entry].long()
-    per_chunk = shard.chunk // blk
-    owner, second = zigzag_owner(kv // per_chunk, P)
-    kv_local = second * per_chunk + kv % per_chunk
+    owner, local_tok = shard.owner(layout.kv_block[entry].long() * blk)
+    kv_local = local_tok // blk
     q_pos, q_doc = _q_side(layout, shard)
     steps = []
     for s in range(P):
@@ -91,7 +96,7 @@ def split_by_source(layout: BlockLayout, shard: CPShard) -> list[BlockLayout]:
         k_idx = shard.index(src)
         steps.append(BlockLayout(
             indptr=indptr, kv_block=kv_local[m].to(torch.int32), mode=layout.mode[entry][m],
-            batch=layout.batch, groups=1, num_q_blocks=q_blocks.numel(),
+            batch=layout.batch, groups=layout.groups, num_q_blocks=q_blocks.numel(),
             num_k_blocks=k_idx.numel() // blk, q_block=layout.q_block, k_block=blk,
             q_pos=q_pos, k_pos=layout.k_pos[:, k_idx], window=layout.window, far=layout.far,
             q_doc=q_doc, k_doc=None if layout.k_doc is None else layout.k_doc[:, k_idx]))
@@ -126,18 +131,11 @@ def gather_slots(units_BU: torch.Tensor, local_unit_BS: torch.Tensor, owner_BS: 
     return out * valid_BS.view(B, -1, *([1] * (out.dim() - 2))).to(out.dtype)
 
 
-def token_owner(seq_len: int, size: int, tok_BS: torch.Tensor):
-    """Global token index -> (owner rank, index in the owner's local tokens)."""
-    C = seq_len // (2 * size)
-    owner, second = zigzag_owner(tok_BS // C, size)
-    return owner, second * C + tok_BS % C
-
-
-def compact_routes(seq_len: int, size: int, blk: int, strided_idx, strided_valid, core_idx,
+def compact_routes(sharding: Sharding, blk: int, strided_idx, strided_valid, core_idx,
                    core_valid) -> dict:
     """(local unit, owner, valid) of every strided-key slot and core-summary slot."""
-    s_owner, s_local = token_owner(seq_len, size, strided_idx)
-    c_owner, c_local = token_owner(seq_len, size, core_idx * blk)
+    s_owner, s_local = sharding.owner(strided_idx)
+    c_owner, c_local = sharding.owner(core_idx * blk)
     return {"strided": (s_local, s_owner, strided_valid),
             "summary": (c_local // blk, c_owner, core_valid)}
 
@@ -154,7 +152,7 @@ def dcw_cp_plan(cfg, ctx):
     key = ("cp_dcw_plan", cfg.block_size, cfg.window, cfg.buffer_window, cfg.stride,
            cfg.summary_pool)
     hit = ctx.cache.get(key)
-    if hit is not None and hit["tiers"] is ctx.tiers:
+    if hit is not None and hit["tiers"] is ctx.tiers and hit["sharding"] is shard.sharding:
         return hit
     if ctx.tiers is None:
         raise ValueError("attention.kind='dcw' needs ctx.tiers (global [B, T / block_size] "
@@ -162,9 +160,9 @@ def dcw_cp_plan(cfg, ctx):
     plan = build_dcw_plan(cfg, shard.doc_ids, ctx.tiers)
     local_steps = split_by_source(plan.local, shard)
     buffer_steps = split_by_source(plan.buffer, shard)
-    routes = compact_routes(shard.seq_len, shard.size, cfg.block_size, plan.strided_idx,
+    routes = compact_routes(shard.sharding, cfg.block_size, plan.strided_idx,
                             plan.strided.k_doc >= 0, plan.core_idx, plan.core_valid)
-    hit = {"tiers": ctx.tiers, "plan": plan,
+    hit = {"tiers": ctx.tiers, "sharding": shard.sharding, "plan": plan,
            "steps": [[a, b] for a, b in zip(local_steps, buffer_steps)],
            "strided": select_rows(plan.strided, shard), "strided_route": routes["strided"],
            "summary": select_rows(plan.summary, shard), "summary_route": routes["summary"]}
@@ -173,7 +171,7 @@ def dcw_cp_plan(cfg, ctx):
 
 
 def dcw_cp_attention(module, q_BTHD, k_BTKD, v_BTKD, ctx) -> torch.Tensor:
-    """DCWAttention.forward for the local zigzag shard (ctx.group set)."""
+    """DCWAttention.forward for this rank's shard (ctx.group set)."""
     cfg, shard = module.cfg, ctx.cache["cp_shard"]
     p = dcw_cp_plan(cfg, ctx)
     blk, pool = cfg.block_size, cfg.summary_pool

@@ -174,9 +174,10 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _forward(self, batch: Batch):
-        if self.dims.cp > 1:  # this cp rank's zigzag shard; ctx.group selects the CP path
+        if self.dims.cp > 1:  # this cp rank's shard; ctx.group selects the CP path
             align = self.attn_cfg.block_size if self.attn_cfg.block_based else 1
-            batch, ctx = cp_context(batch, self.attn_cfg.kind, self.dims.cp_group, align)
+            batch, ctx = cp_context(batch, self.attn_cfg.kind, self.dims.cp_group, align,
+                                    balance=self.cfg.parallel.cp_balance, attn_cfg=self.attn_cfg)
         else:
             ctx = context_for(batch)
         module = self.module
