@@ -32,9 +32,8 @@ VARIANTS = {
 # Row 0: one 64-token document. Row 1: three documents starting at block boundaries, padded.
 DOCS = [[0] * 64, [0] * 21 + [-1] * 3 + [1] * 26 + [-1] * 2 + [2] * 12]
 DOC = torch.tensor(DOCS)
-# The layout executor accumulates in fp32 even for fp64 inputs (executor.py), so fp64 runs agree
-# with the fp64 oracle to fp32 rounding, not 1e-10. (With an fp64 executor they agree to 1e-15.)
-ORACLE_TOL = dict(atol=2e-6, rtol=2e-6)
+# The layout executor keeps fp64 inputs in fp64, so fp64 runs equal the fp64 oracle to 1e-10.
+ORACLE_TOL = dict(atol=1e-10, rtol=1e-10)
 
 
 def cfg_of(name, **kw):

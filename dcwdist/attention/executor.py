@@ -76,6 +76,8 @@ def _attend_torch(q_BTHD, k_BSKD, v_BSKD, layout: BlockLayout, scale: float, chu
     q_doc = None if layout.q_doc is None else layout.q_doc.view(B, NQ, qb)
     k_doc = None if layout.k_doc is None else layout.k_doc.view(B, NK, kb)
     b_idx = torch.arange(B, device=q.device)
+    # fp32 accumulation (fp64 inputs stay fp64, so references can be checked to 1e-10)
+    acc = torch.float64 if q_BTHD.dtype == torch.float64 else torch.float32
     rows_per_chunk = max(1, chunk_size // qb)
     outs, lses = [], []
     for g in range(G):
@@ -89,7 +91,7 @@ def _attend_torch(q_BTHD, k_BSKD, v_BSKD, layout: BlockLayout, scale: float, chu
             q_c = q[:, s:e, :, g * hq:(g + 1) * hq]  # [B, C, qb, hq, D]
             if M == 0:
                 outs_g.append(q_c.new_zeros(B, C * qb, hq, D))
-                lses_g.append(q_c.new_full((B, hq, C * qb), float("-inf"), dtype=torch.float32))
+                lses_g.append(q_c.new_full((B, hq, C * qb), float("-inf"), dtype=acc))
                 continue
             kv, mode = kv.view(B, C, M), mode.view(B, C, M)
             bi = b_idx[:, None, None]
@@ -100,8 +102,8 @@ def _attend_torch(q_BTHD, k_BSKD, v_BSKD, layout: BlockLayout, scale: float, chu
                 mode.repeat_interleave(kb, -1),
                 None if q_doc is None else q_doc[:, s:e],
                 None if k_doc is None else k_doc[bi, kv].reshape(B, C, M * kb))  # [B,C,qb,M*kb]
-            q_g = q_c.reshape(B, C, qb, hk, hq // hk, D).float()
-            scores = torch.einsum("bcqkrd,bcnkd->bckrqn", q_g, k_c.float()) * scale
+            q_g = q_c.reshape(B, C, qb, hk, hq // hk, D).to(acc)
+            scores = torch.einsum("bcqkrd,bcnkd->bckrqn", q_g, k_c.to(acc)) * scale
             scores = scores.masked_fill(~allowed[:, :, None, None], float("-inf"))
             # Max-shifted softmax by hand: empty rows keep m = 0, l = 0 -> out 0, lse -inf, and
             # every gradient stays finite (torch.logsumexp's backward is NaN on all -inf rows).
@@ -109,7 +111,7 @@ def _attend_torch(q_BTHD, k_BSKD, v_BSKD, layout: BlockLayout, scale: float, chu
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             p = torch.exp(scores - m)
             l = p.sum(-1, keepdim=True)
-            o = torch.einsum("bckrqn,bcnkd->bcqkrd", p / l.clamp_min(_TINY), v_c.float())
+            o = torch.einsum("bckrqn,bcnkd->bcqkrd", p / l.clamp_min(_TINY), v_c.to(acc))
             lse = torch.where(l > 0, m + torch.log(l.clamp_min(_TINY)),
                               torch.full_like(l, float("-inf")))[..., 0]  # [B,C,hk,r,qb]
             outs_g.append(o.reshape(B, C * qb, hq, D))
@@ -127,13 +129,14 @@ def merge_partials(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]
     Like reference.merge_by_lse for any number of parts, but with finite gradients when every
     part of a row is empty (padding queries): logaddexp's backward is NaN at (-inf, -inf).
     """
-    lse_PBHT = torch.stack([lse.float() for _, lse in parts])
+    acc = torch.float64 if parts[0][0].dtype == torch.float64 else torch.float32
+    lse_PBHT = torch.stack([lse.to(acc) for _, lse in parts])
     m = lse_PBHT.amax(0).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w_PBHT = torch.exp(lse_PBHT - m)
     total = w_PBHT.sum(0)
     frac = (w_PBHT / total.clamp_min(_TINY)).transpose(2, 3)[..., None]  # [P, B, T, H, 1]
-    out = sum(o.float() * frac[i] for i, (o, _) in enumerate(parts))
+    out = sum(o.to(acc) * frac[i] for i, (o, _) in enumerate(parts))
     lse = torch.where(total > 0, m + torch.log(total.clamp_min(_TINY)),
                       torch.full_like(total, float("-inf")))
     return out.to(parts[0][0].dtype), lse
