@@ -19,9 +19,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 LABELS = {"hf_sdpa": "transformers SDPA + ckpt", "dcwdist_dense": "dcwdist dense (triton)",
-          "dcwdist_dcw": "dcwdist DCW (triton)"}
+          "dcwdist_dcw": "dcwdist DCW (triton)",
+          "hf_liger": "transformers + Liger + ckpt",
+          "hf_liger_offload": "transformers + Liger + ckpt + CPU offload",
+          "dcwdist_dcw_zero1": "dcwdist DCW, DeepSpeed ZeRO-1 bf16",
+          "dcwdist_dense_zero1": "dcwdist dense, DeepSpeed ZeRO-1 bf16"}
 STYLE = {"qwen2_100m": "-", "llama3.2_1b": "--"}
-COLOR = {"hf_sdpa": "tab:gray", "dcwdist_dense": "tab:blue", "dcwdist_dcw": "tab:red"}
+COLOR = {"hf_sdpa": "tab:gray", "dcwdist_dense": "tab:blue", "dcwdist_dcw": "tab:red",
+         "hf_liger": "tab:green", "hf_liger_offload": "tab:olive",
+         "dcwdist_dcw_zero1": "tab:purple", "dcwdist_dense_zero1": "tab:cyan"}
 
 
 def load(paths):
@@ -61,7 +67,8 @@ def main():
         kw = dict(color=COLOR.get(impl), linestyle=STYLE.get(model, "-"), marker="o")
         if ok:
             ax_t.plot([r["length"] for r in ok], [r["tokens_per_s"] for r in ok], label=label, **kw)
-            ax_m.plot([r["length"] for r in ok], [r["peak_gib"] for r in ok], label=label, **kw)
+            mem = [r for r in ok if r.get("peak_gib") is not None]  # none on CPU
+            ax_m.plot([r["length"] for r in mem], [r["peak_gib"] for r in mem], label=label, **kw)
         for r in pts:
             if r.get("status") == "oom":
                 ax_m.plot([r["length"]], [args.capacity_gib], marker="x", markersize=10,

@@ -1,7 +1,9 @@
-"""End-to-end training step on one GPU: dcwdist (DCW / dense, Triton kernel) vs transformers SDPA.
+"""End-to-end training step on one GPU: dcwdist (DCW / dense, Triton kernel) vs transformers SDPA
+and the strong transformers + Liger (+ activation offload) baseline of /work/shared/ANCHORS.md.
 
     PYTHONPATH=. python benchmarks/train_step.py --plan full --out train_step.jsonl
-    PYTHONPATH=. python benchmarks/train_step.py --plan tiny   # CPU smoke test (tiny shapes)
+    PYTHONPATH=. python benchmarks/train_step.py --plan liger --timed-max-s 10 --out liger.jsonl
+    PYTHONPATH=. python benchmarks/train_step.py --smoke   # CPU smoke test: tiny shapes, every impl
 
 One step = forward + backward + AdamW step on one row (batch 1), bf16 autocast over fp32
 weights, activation checkpointing on. Prints (and appends to --out) one JSON line per case:
@@ -33,24 +35,56 @@ Impls:
   dcwdist_dcw    the same with kind=dcw impl=triton, block 64: the segmenter (scorer, causal tiers)
                  runs inside every forward; tiers come from the random-init scorer under the
                  running caps (about 20% core / 30% buffer / 50% background blocks).
+  hf_liger       hf_sdpa + Liger kernels on the model instance (liger_kernel.transformers.
+                 apply_liger_kernel_to_qwen2 / _llama: fused linear cross-entropy (no logits),
+                 RMSNorm, RoPE, SwiGLU). Liger's module-level patches (the RoPE function, the norm /
+                 MLP classes) are swapped in only around this impl's steps, so other impls in the
+                 same process stay plain transformers.
+  hf_liger_offload  hf_liger + torch.autograd.graph.save_on_cpu(pin_memory=True) around forward
+                 and backward: the tensors autograd saves outside the checkpointed layers (each
+                 layer's checkpointed input, the fused CE's saved gradients) live in pinned host
+                 memory (the ANCHORS.md "offload", ALST-style). Host memory is not in peak_gib;
+                 host_pinned_peak_gib gives it. (hf_sdpa_offload: the same without Liger.)
+  dcwdist_<kind>_zero<N>  the dcwdist model stepped through dcwdist's DeepSpeedBackend
+                 (dcwdist/train/engine.py) with ZeRO stage N in one process (a 1-rank process
+                 group: nccl on GPU, gloo on CPU), bf16 (DeepSpeed casts the module to bf16 and
+                 keeps fp32 master weights + AdamW state in its optimizer, torch_adam=true; no
+                 autocast), gradient clipping 1.0. ZeRO on one rank shards nothing: this is the
+                 trainer's DeepSpeed path (bf16 weights) against TorchBackend's autocast over fp32.
 Synthetic row: one document (doc_ids 0, positions arange), first 128 tokens instruction role,
 random tokens, sparse random relevance labels (so the scorer's L_seg runs as in joint training).
+
+Time budget (--budget-s): a case is skipped when its predicted end is past the budget. The step
+time is extrapolated as t x (T / T_prev)^1.7 from the series' last length in this process (or a
+sibling series: hf_liger <-> hf_liger_offload, dcwdist_dcw <-> dcwdist_dcw_zero1; else a rough
+H100 prior per model). A case whose peak memory, extrapolated linearly from the series' last
+length, exceeds 1.25 x the GPU's memory is skipped as "predicted out of memory".
+--timed-max-s stops the timed steps once they add up to that many seconds (at least one).
+On CPU, Triton runs interpreted (TRITON_INTERPRET=1 is set when no GPU is seen): dcwdist's kernel
+runs (slowly; bf16 dots are not exact there). Liger's kernels do not run under the interpreter,
+so on CPU hf_liger* apply the patches, check them and report status "skipped".
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import math
 import os
+import socket
 import statistics
 import sys
 import time
 import traceback
 
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before dcwdist.kernels imports triton
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -72,7 +106,7 @@ from dcwdist.data_pipelines.packing import Batch  # noqa: E402
 from dcwdist.eval.positions import context_for  # noqa: E402
 from dcwdist.model.config import ModelConfig  # noqa: E402
 from dcwdist.segmentation.config import SegmentationConfig  # noqa: E402
-from dcwdist.train.engine import TorchBackend  # noqa: E402
+from dcwdist.train.engine import DeepSpeedBackend, TorchBackend, ZeroConfig  # noqa: E402
 from dcwdist.train.optim import OptimConfig  # noqa: E402
 from dcwdist.train.trainer import build_model  # noqa: E402
 
@@ -99,18 +133,55 @@ PLANS = {
             + [("llama3.2_1b", "dcwdist_dcw", L) for L in (8 * K, 32 * K)]),
     "tiny": ([("tiny", i, L) for L in (256, 512) for i in ("hf_sdpa", "dcwdist_dense", "dcwdist_dcw")]
              + [("profile_tiny", "dcwdist_dcw", 512)]),
+    # The ANCHORS.md strong baseline (Liger; "offload" where the anchor has it) against DCW through
+    # TorchBackend and through DeepSpeed ZeRO-1, in priority order for one ~9-minute device call:
+    # every 128k case first (each series then has a length to extrapolate time and memory from),
+    # then the long cases; the TorchBackend DCW 512k row repeats the 2026-11-25 run, so it is last.
+    "liger": ([("qwen2_100m", i, 128 * K)
+               for i in ("hf_liger", "dcwdist_dcw", "dcwdist_dcw_zero1", "hf_sdpa")]
+              + [("llama3.2_1b", i, 128 * K)
+                 for i in ("hf_liger", "dcwdist_dcw_zero1", "dcwdist_dcw")]
+              + [("qwen2_100m", i, 512 * K)
+                 for i in ("hf_liger_offload", "dcwdist_dcw_zero1", "hf_sdpa")]
+              + [("llama3.2_1b", i, 256 * K)
+                 for i in ("hf_liger_offload", "dcwdist_dcw_zero1", "dcwdist_dcw")]
+              + [("qwen2_100m", "dcwdist_dcw", 512 * K)]),
+    # what the first call's budget is expected to leave over, for a second call
+    "liger_tail": ([("llama3.2_1b", i, 256 * K)
+                    for i in ("hf_liger_offload", "dcwdist_dcw_zero1", "dcwdist_dcw")]
+                   + [("qwen2_100m", "dcwdist_dcw", 512 * K)]),
+    # --smoke (CPU): every impl once at tiny shapes
+    "smoke": [("tiny", i, 256) for i in ("hf_sdpa", "hf_sdpa_offload", "hf_liger",
+                                         "hf_liger_offload", "dcwdist_dcw", "dcwdist_dcw_zero1")],
 }
+# rough H100 seconds per step at 128k (2026-11-25 run and the anchors), for a series' first case
+PRIOR_S_128K = {"qwen2_100m": 4.0, "llama3.2_1b": 15.0, "tiny": 0.01}
 
 
-def versions() -> dict:
+def versions(dev) -> dict:
     out = {"torch": torch.__version__}
-    for name in ("triton", "transformers"):
-        try:
-            out[name] = importlib.import_module(name).__version__
+    for name in ("triton", "transformers", "deepspeed", "liger_kernel"):
+        try:  # metadata only: importing deepspeed here would be slow and noisy
+            out[name] = importlib.metadata.version(name.replace("_", "-"))
         except Exception:  # noqa: BLE001
             out[name] = None
-    out["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    out["device"] = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     return out
+
+
+def family(impl: str) -> str:
+    """The series an impl's time / memory may be extrapolated from when it has none of its own."""
+    return impl.removesuffix("_offload").split("_zero")[0]
+
+
+def attention_label(impl: str) -> str:
+    if impl.startswith("hf_"):
+        return "dense (SDPA)"
+    return f"{impl.removeprefix('dcwdist_').split('_')[0]} (triton)"
+
+
+class SkipCase(Exception):
+    """A case that cannot run here (reported as status "skipped" with the message)."""
 
 
 def sync(dev):
@@ -152,25 +223,52 @@ def scorer_flops(model, T: int) -> float:
 
 
 # -- models -------------------------------------------------------------------------------
-def build_dcwdist(shape: dict, kind: str, dev):
+def ensure_process_group(dev) -> None:
+    """A 1-rank process group for DeepSpeed (as dcwdist's trainer makes for a lone process)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="nccl" if dev.type == "cuda" else "gloo",
+                               auto_mpi_discovery=False)
+
+
+def build_dcwdist(shape: dict, kind: str, dev, zero_stage: int | None = None):
     mcfg = ModelConfig(**shape, activation_checkpointing=True)
     acfg = AttentionConfig(kind=kind, impl="triton", block_size=64)
     job = JobConfig(model=mcfg, attention=acfg, segmentation=SegmentationConfig())
     with torch.device(dev):
         model = build_model(job, acfg)
     model.to(dev).train()
-    backend = TorchBackend(model, OptimConfig(lr=1e-4, warmup_steps=0))
+    optim = OptimConfig(lr=1e-4, warmup_steps=0)
+    if zero_stage is None:
+        backend = TorchBackend(model, optim)
+        autocast = True  # bf16 autocast over fp32 weights
+    else:
+        ensure_process_group(dev)
+        zero = ZeroConfig(enabled=True, stage=zero_stage, torch_adam=True)
+        backend = DeepSpeedBackend(model, zero, optim, micro_batch=1, grad_accum=1, bf16=True,
+                                   world_size=1)
+        model = backend.module
+        autocast = False  # DeepSpeed's bf16 mode casts the module itself (as the trainer does)
     state = {}
 
     def step(batch: Batch):
         ctx = context_for(batch)
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            loss_sum = model(batch.tokens, ctx, batch.labels)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            loss_sum = backend(batch.tokens, ctx, batch.labels)
         loss = loss_sum.float() / batch.labels.numel()
         for value in ctx.cache.get("aux_losses", {}).values():
             loss = loss + value
-        loss.backward()
-        backend.step()  # grad-norm clip (one sync) + AdamW + zero_grad
+        backend.backward(loss)
+        backend.step()  # grad-norm clip + AdamW + zero_grad (DeepSpeed: engine.step)
         state["ctx"] = ctx
         return loss
 
@@ -193,12 +291,81 @@ def build_dcwdist(shape: dict, kind: str, dev):
 
     def extra(T: int) -> dict:
         metrics = state["ctx"].cache.get("metrics", {}) if "ctx" in state else {}
-        return {k: round(float(v), 4) for k, v in metrics.items()
-                if k in ("tier_core", "tier_buffer", "tier_background", "flops_realised")}
-    return model, step, attn_call, extra
+        out = {k: round(float(v), 4) for k, v in metrics.items()
+               if k in ("tier_core", "tier_buffer", "tier_background", "flops_realised")}
+        out["backend"] = "torch" if zero_stage is None else f"deepspeed zero{zero_stage} bf16"
+        return out
+
+    def close():
+        state.clear()
+        if zero_stage is not None:
+            backend.engine.destroy()  # drops the optimizer's flat fp32 buffers and hooks
+    return model, step, attn_call, extra, close
 
 
-def build_hf(shape: dict, name: str, dev, T: int):
+_MISSING = object()
+
+
+class ModulePatch:
+    """Module-level names that `apply` rebinds, kept out of the module except inside `active()`.
+
+    Liger patches a model instance (norm / MLP forwards, the fused-CE forward) but also rebinds
+    globals of transformers' modeling module (apply_rotary_pos_emb, the RMSNorm / MLP classes),
+    which would leak into every later model of this process (hf_sdpa). The RoPE function is
+    looked up at call time, so it is swapped in around each step (recompute in backward too)."""
+
+    def __init__(self, module, apply):
+        before = dict(vars(module))
+        apply()
+        after = dict(vars(module))
+        self.module = module
+        self.patched = {k: v for k, v in after.items() if before.get(k, _MISSING) is not v}
+        self.original = {k: before.get(k, _MISSING) for k in self.patched}
+        self._set(self.original)
+
+    def _set(self, values: dict) -> None:
+        for key, value in values.items():
+            if value is _MISSING:
+                delattr(self.module, key)
+            else:
+                setattr(self.module, key, value)
+
+    @contextlib.contextmanager
+    def active(self):
+        self._set(self.patched)
+        try:
+            yield
+        finally:
+            self._set(self.original)
+
+
+def apply_liger(model, name: str) -> tuple[ModulePatch, dict]:
+    """ANCHORS.md's Liger set on this model instance; (module patch, a summary of what changed)."""
+    import liger_kernel.transformers as lk
+    if name.startswith("llama"):
+        from transformers.models.llama import modeling_llama as modeling
+        fn = lk.apply_liger_kernel_to_llama
+    else:
+        from transformers.models.qwen2 import modeling_qwen2 as modeling
+        fn = lk.apply_liger_kernel_to_qwen2
+    patch = ModulePatch(modeling, lambda: fn(rope=True, cross_entropy=False,
+                                             fused_linear_cross_entropy=True, rms_norm=True,
+                                             swiglu=True, model=model))
+    bound = sum(1 for m in model.modules()  # norms + MLPs rebound
+                if m is not model and "forward" in vars(m))
+    info = {"liger_bound_modules": bound, "liger_lce_forward": "forward" in vars(model),
+            "liger_module_patches": sorted(patch.patched)}
+    n_layers = model.config.num_hidden_layers
+    if bound != 3 * n_layers + 1 or not info["liger_lce_forward"] or \
+            "apply_rotary_pos_emb" not in patch.patched:
+        raise RuntimeError(f"Liger did not patch as expected: {info}")
+    with patch.active():  # the swap is visible inside, and undone after
+        assert modeling.apply_rotary_pos_emb is lk.liger_rotary_pos_emb
+    assert modeling.apply_rotary_pos_emb is not lk.liger_rotary_pos_emb
+    return patch, info
+
+
+def build_hf(shape: dict, name: str, dev, T: int, liger: bool = False, offload: bool = False):
     import transformers
     common = dict(vocab_size=shape["vocab_size"], hidden_size=shape["dim"],
                   intermediate_size=shape["ffn_dim"], num_hidden_layers=shape["n_layers"],
@@ -213,13 +380,24 @@ def build_hf(shape: dict, name: str, dev, T: int):
         model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     model.to(dev).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    info = {"offload": offload}
+    patch_ctx = contextlib.nullcontext
+    if liger:
+        patch, liger_info = apply_liger(model, name)
+        info.update(liger_info)
+        patch_ctx = patch.active
+        if dev.type != "cuda":
+            raise SkipCase(f"Liger's Triton kernels need a GPU; wiring checked: {liger_info}")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
                             fused=dev.type == "cuda")
 
     def step(batch: Batch):
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            out = model(input_ids=batch.tokens, labels=batch.tokens, use_cache=False)
-        out.loss.backward()
+        offload_ctx = (torch.autograd.graph.save_on_cpu(pin_memory=dev.type == "cuda")
+                       if offload else contextlib.nullcontext())
+        with patch_ctx(), offload_ctx:  # forward and backward (checkpoint recompute included)
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                out = model(input_ids=batch.tokens, labels=batch.tokens, use_cache=False)
+            out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return out.loss
@@ -234,7 +412,7 @@ def build_hf(shape: dict, name: str, dev, T: int):
             return torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True, enable_gqa=H != Hkv)
         return fn
-    return model, step, attn_call, (lambda T: {})
+    return model, step, attn_call, (lambda T: dict(info)), (lambda: None)
 
 
 # -- timing -------------------------------------------------------------------------------
@@ -268,17 +446,51 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def host_pinned_stats() -> dict:
+    """Pinned memory of the CUDA host allocator (save_on_cpu's buffers), if torch reports it."""
+    try:
+        st = torch.cuda.host_memory_stats()
+    except Exception:  # noqa: BLE001
+        return {}
+    out = {}
+    for key, name in (("active_bytes.peak", "host_pinned_peak_gib"),
+                      ("allocated_bytes.current", "host_pinned_held_gib")):
+        if key in st:
+            out[name] = round(st[key] / 2**30, 2)
+    return out
+
+
+def build(model_name: str, impl: str, T: int, dev):
+    """(model, step, attn_call, extra, close) of an impl name (see the module doc)."""
+    shape = MODELS[model_name]
+    if impl.startswith("hf_"):
+        base = impl.removesuffix("_offload")
+        if base not in ("hf_sdpa", "hf_liger"):
+            raise ValueError(f"unknown impl {impl}")
+        return build_hf(shape, model_name, dev, T, liger=base == "hf_liger",
+                        offload=impl.endswith("_offload"))
+    if not impl.startswith("dcwdist_"):
+        raise ValueError(f"unknown impl {impl}")
+    kind, _, zero = impl.removeprefix("dcwdist_").partition("_zero")
+    if kind not in ("dense", "dcw") or zero not in ("", "0", "1", "2", "3"):
+        raise ValueError(f"unknown impl {impl}")
+    return build_dcwdist(shape, kind, dev, int(zero) if zero else None)
+
+
 def run_case(model_name: str, impl: str, T: int, args, dev, profile: bool = False) -> dict:
     shape = MODELS[model_name]
-    row = {"model": model_name, "impl": impl,
-           "attention": {"hf_sdpa": "dense (SDPA)", "dcwdist_dense": "dense (triton)",
-                         "dcwdist_dcw": "dcw (triton)"}[impl], "length": T}
+    row = {"model": model_name, "impl": impl, "attention": attention_label(impl), "length": T}
     torch.manual_seed(0)
     t_build = time.perf_counter()
-    if impl == "hf_sdpa":
-        model, step, attn_call, extra = build_hf(shape, model_name, dev, T)
-    else:
-        model, step, attn_call, extra = build_dcwdist(shape, impl.removeprefix("dcwdist_"), dev)
+    model, step, attn_call, extra, close = build(model_name, impl, T, dev)
+    try:
+        return _run_built(row, shape, model, step, attn_call, extra, T, args, dev, profile, t_build)
+    finally:
+        close()
+
+
+def _run_built(row, shape, model, step, attn_call, extra, T, args, dev, profile, t_build) -> dict:
+    impl = row["impl"]
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     batch = make_batch(T, shape["vocab_size"], dev)
     for _ in range(args.warmup):
@@ -287,6 +499,8 @@ def run_case(model_name: str, impl: str, T: int, args, dev, profile: bool = Fals
     row["build_warmup_s"] = round(time.perf_counter() - t_build, 1)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        with contextlib.suppress(Exception):
+            torch.cuda.reset_peak_host_memory_stats()
     if profile:
         from torch.profiler import ProfilerActivity, profile as tprofile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -301,16 +515,20 @@ def run_case(model_name: str, impl: str, T: int, args, dev, profile: bool = Fals
         loss = step(batch)
         sync(dev)
         times.append((time.perf_counter() - t0) * 1e3)
+        if sum(times) >= args.timed_max_s * 1e3:
+            break
     step_ms = statistics.median(times)
     row.update(status="ok", step_ms=round(step_ms, 2), step_ms_all=[round(t, 2) for t in times],
                tokens_per_s=round(T / step_ms * 1e3, 1), loss=round(float(loss.detach()), 4))
     if dev.type == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        if impl.endswith("_offload"):
+            row.update(host_pinned_stats())
     row.update(extra(T))
     matmul, attn_dense = model_flops(shape, T)
     computed = matmul + attn_dense
-    if impl == "dcwdist_dcw":
+    if impl.startswith("dcwdist_dcw"):
         computed = matmul + attn_dense * row.get("flops_realised", float("nan")) + scorer_flops(model, T)
     sec = step_ms / 1e3
     row.update(tflops_computed=round(computed / sec / 1e12, 1),
@@ -328,7 +546,7 @@ def run_case(model_name: str, impl: str, T: int, args, dev, profile: bool = Fals
                 row["attn_share_error"] = "oom"
             else:
                 row["attn_share_error"] = f"{type(e).__name__}: {e}"[:300]
-    del model, step, attn_call, batch
+    del batch
     return row
 
 
@@ -362,24 +580,53 @@ def cleanup(dev):
         torch.cuda.empty_cache()
 
 
+def predict_s(series: tuple, T: int, last: dict, profile: bool, args) -> float:
+    """Predicted wall seconds of a case (build + warmup + timed steps), from the series' (or a
+    sibling's) last length, else the per-model prior."""
+    model_name, impl = series
+    prev = last.get(series) or next((v for (m, i), v in last.items()
+                                     if m == model_name and family(i) == family(impl)), None)
+    if prev:
+        est = prev[1] * (T / prev[0]) ** 1.7
+    else:
+        est = max(0.5, PRIOR_S_128K.get(model_name, 1.0) * (T / (128 * K)) ** 1.7)
+    timed = 1 if profile else max(1, min(args.timed, args.timed_max_s / est))
+    timed = math.ceil(timed)
+    return 15.0 + (args.warmup + timed + 2) * est
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--plan", default="full", choices=sorted(PLANS))
     ap.add_argument("--only", nargs="*", default=None, help="run only these impls")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--timed", type=int, default=3)
+    ap.add_argument("--timed-max-s", type=float, default=float("inf"),
+                    help="stop timing a case once its timed steps add up to this (at least one)")
     ap.add_argument("--budget-s", type=float, default=1e9,
                     help="skip a case whose predicted time would end past this many seconds")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--no-attn-share", dest="attn_share", action="store_false")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--smoke", action="store_true",
+                    help="--plan smoke --timed 1 --no-attn-share: every impl once, tiny shapes "
+                         "(on CPU unless a GPU is seen)")
     ap.add_argument("--out", default="")
     ap.add_argument("--profile-out", default="")
     args = ap.parse_args()
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    meta = versions()
+    if args.smoke:
+        args.plan, args.timed, args.attn_share = "smoke", 1, False
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                       if args.device == "auto" else args.device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(0)
+    capacity_gib = (torch.cuda.get_device_properties(0).total_memory / 2**30
+                    if dev.type == "cuda" else float("inf"))
+    meta = versions(dev)
     print(json.dumps({"meta": meta, "argv": sys.argv[1:]}), flush=True)
     t_start = time.perf_counter()
     last: dict[tuple, tuple[int, float]] = {}  # (model, impl) -> (length, step seconds)
+    last_mem: dict[tuple, tuple[int, float]] = {}  # (model, impl) -> (length, peak GiB)
     stopped: set[tuple] = set()
     for model_name, impl, T in PLANS[args.plan]:
         profile = model_name.startswith("profile")
@@ -389,12 +636,15 @@ def main():
             continue
         series = (model_name, impl)
         elapsed = time.perf_counter() - t_start
-        prev = last.get(series)
-        steps = args.warmup + (1 if profile else args.timed)
-        predicted = 15.0 + (steps + 2) * (prev[1] * (T / prev[0]) ** 1.7 if prev else 1.0)
+        predicted = predict_s(series, T, last, profile, args)
+        mem = last_mem.get(series)
+        mem_pred = mem[1] * T / mem[0] if mem else 0.0
         row = {"model": model_name, "impl": impl, "length": T}
         if series in stopped and not profile:
             row.update(status="skipped", reason="an earlier length of this series failed")
+        elif mem_pred > 1.25 * capacity_gib:
+            row.update(status="skipped", reason=f"predicted out of memory ({mem_pred:.0f} GiB "
+                                                f"from {mem[1]:.1f} GiB at {mem[0] // K}k, linear)")
         elif elapsed + predicted > args.budget_s:
             row.update(status="skipped", reason=f"time budget (predicted {predicted:.0f} s, "
                                                 f"{elapsed:.0f} s used)")
@@ -405,6 +655,10 @@ def main():
                     row["status"] = "profile"
                 else:
                     last[series] = (T, row["step_ms"] / 1e3)
+                    if row.get("peak_gib"):
+                        last_mem[series] = (T, row["peak_gib"])
+            except SkipCase as e:
+                row.update(status="skipped", reason=str(e)[:500])
             except Exception as e:  # noqa: BLE001
                 if is_oom(e):
                     row.update(status="oom", error=str(e).splitlines()[0][:300])
@@ -415,6 +669,10 @@ def main():
             cleanup(dev)
         row["elapsed_s"] = round(time.perf_counter() - t_start, 1)
         row.update({k: meta[k] for k in ("device", "torch", "triton", "transformers")})
+        if impl.startswith("hf_liger"):
+            row["liger_kernel"] = meta["liger_kernel"]
+        if "_zero" in impl:
+            row["deepspeed"] = meta["deepspeed"]
         line = json.dumps(row)
         print(line, flush=True)
         if args.out:

@@ -62,6 +62,15 @@ class BlockLayout:
     def row_index(self, b: int, g: int, qb: int) -> int:
         return (b * self.groups + g) * self.num_q_blocks + qb
 
+    def row_entries(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entries of CSR rows [R] (any order): (index into `rows` of each entry, entry index),
+        grouped by `rows` order -- the pieces of a sub-layout over those rows."""
+        start, count = self.indptr[rows], self.indptr[rows + 1] - self.indptr[rows]
+        new_row = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), count)
+        first = torch.cumsum(count, 0) - count  # first entry of each row in the output
+        off = torch.arange(new_row.numel(), device=rows.device) - first[new_row]
+        return new_row, start[new_row] + off
+
     def transpose(self) -> "TransposedLayout":
         """For each key block, the query blocks that read it (for the dK/dV pass), in CSR."""
         rows = torch.repeat_interleave(

@@ -1,6 +1,6 @@
 """The collectives context parallelism calls, each counting the bytes this rank sends.
 
-Every CP exchange goes through these three verbs, so a CommCounter handed in with the shard
+Every CP exchange goes through these verbs, so a CommCounter handed in with the shard
 sees exactly what the implementation sends (benchmarks/cp_comm.py predicts the same numbers from
 shapes; tests/test_cp_comm.py checks one against the other).
 
@@ -9,9 +9,12 @@ Bytes sent per rank, by verb (P ranks in the group):
   all_gather        (P - 1) x the local tensor (ring all-gather)
   all_reduce        2 (P - 1) / P x the tensor (ring all-reduce; the backward of all_gather:
                     gloo has no reduce-scatter, so all-reduce then keep this rank's slice)
+  all_to_all        the rows (dim 0) sent to the other ranks (per-rank row counts; query
+                    shipping, qship.py)
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
@@ -104,3 +107,37 @@ def all_gather(x: torch.Tensor, group, counter: Optional[CommCounter] = None,
     if x.requires_grad and torch.is_grad_enabled():
         return _AllGather.apply(x, group, counter, label)
     return _all_gather_raw(x, group, counter, label + "_fwd")
+
+
+def all_to_all(x: torch.Tensor, send_rows: list[int], recv_rows: list[int], group,
+               counter: Optional[CommCounter] = None, label: str = "all_to_all") -> torch.Tensor:
+    """Rows x[sum(send_rows[:p]) : ...] go to rank p; returns the rows every rank sent here,
+    [sum(recv_rows), *x.shape[1:]] in group-rank order (not differentiable: callers wrap it)."""
+    out = x.new_empty((sum(recv_rows),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv_rows, send_rows, group=group)
+    if counter is not None:
+        me = dist.get_rank(group)
+        row = math.prod(x.shape[1:]) * x.element_size()
+        counter.add(label, (sum(send_rows) - send_rows[me]) * row)
+    return out
+
+
+class _KeepInGraph(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, *others):
+        ctx.specs = [(o.shape, o.dtype, o.device) for o in others]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.specs))
+
+
+def keep_in_graph(x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """x, with `others` (outputs of differentiable collectives) hung on its graph with zero
+    gradient. A collective's backward is itself a collective, so it must run on every rank; a
+    rank whose rows happen not to read a gathered set (no strided keys, no summaries) would
+    otherwise skip it and deadlock the others."""
+    if not torch.is_grad_enabled() or not any(o.requires_grad for o in others):
+        return x
+    return _KeepInGraph.apply(x, *others)

@@ -12,8 +12,16 @@ query rows of each layout. What the pattern needs from other ranks, and how it g
 
 | part                        | how                                  | bytes sent / rank / layer (fwd)    |
 |-----------------------------|--------------------------------------|------------------------------------|
-| core prefix + windows/halos | K/V around the ring (ring.py): the   | (P-1) * 2 * Tl * Hkv * D * b       |
-|   (layouts local, buffer)   | global layouts split by source rank  | bwd: again + P * 2 * Tl*Hkv*D * 4  |
+| core prefix + windows/halos | parallel.cp_core, chosen per layer   |                                    |
+|   (layouts local, buffer)   | by bytes (core_choice; qship.py):    |                                    |
+|   cp_core = "ring"          | K/V around the ring (ring.py): the   | (P-1) * 2 * Tl * Hkv * D * b       |
+|                             | global layouts split by source rank  | bwd: again + P * 2 * Tl*Hkv*D * 4  |
+|   cp_core = "qship"         | queries shipped (qship.py): each     | sum_p n[r,p] * blk*H*D*b (Q out)   |
+|                             | query block to the ranks whose keys  | + sum_p n[p,r] * blk*H*(D*b + L)   |
+|                             | it reads, (O, LSE) back, merged by   |   (O + LSE back, L = max(4, b))    |
+|                             | LSE; all_to_all                      | bwd: the same bytes, mirrored      |
+|   cp_core = "auto"          | the fewer fwd + bwd bytes on the     | min of the two (ties: ring)        |
+|                             | busiest rank (default)               |                                    |
 | strided keys                | all-gather of each rank's strided    | (P-1) * 2 * M_s * Hkv * D * b      |
 |                             | K/V, reordered to the plan's compact |   M_s = max strided keys on a rank |
 |                             | order (read with MODE_FAR)           | bwd: all-reduce of the gathered    |
@@ -21,12 +29,18 @@ query rows of each layout. What the pattern needs from other ranks, and how it g
 |                             | rank's core blocks                   |   M_c = max core blocks on a rank  |
 | block scores / tiers        | none: computed on every rank         | 0 (scorer input: see segmenter)    |
 
-Core attention ships K/V, not Q (the simple exact choice; Q shipping is not implemented).
-Halos ride the ring with the core K/V: windows read whichever step holds the preceding blocks,
-which costs nothing extra while any core block needs the ring (a document's first block is
-always core in causal mode). Memory per rank: local K/V + one in-flight K/V + the gathered
-strided and summary sets + the plan's int layouts (built globally: a later version builds only
-this rank's rows).
+n[r, p] = query blocks of rank r that read at least one key of rank p (from the global plan: the
+same on every rank, so every rank makes the same choice without communicating); the choice per
+layer is in ctx.cache["cp_core"][layer_idx]. Core rows (~20% of blocks) read the whole document
+prefix and so go to every rank holding earlier blocks of their document; window and buffer rows
+go only to the ranks holding their halo. The ring moves all of every rank's K/V instead, and
+its backward sends the fp32 dK/dV P times: with 20% core blocks, Hkv = 8, D = 128, bf16
+(benchmarks/cp_comm.py) shipping sends 3-5x fewer core bytes at 32 query heads; the ring wins
+from ~128 query heads (H / Hkv = 16). Halos ride with the core keys either way (the ring:
+windows read whichever step holds the preceding blocks). Memory per rank: local K/V + one
+in-flight K/V (ring) or the served query rows and their partials (qship) + the gathered strided
+and summary sets + the plan's int layouts (built globally; qship also rebuilds the rows other
+ranks send it: a later version builds only this rank's rows).
 """
 from __future__ import annotations
 
@@ -37,7 +51,9 @@ from dcwdist.attention.dcw import build_dcw_plan, pool_summaries
 from dcwdist.attention.executor import attend_layout, merge_partials
 from dcwdist.attention.layout import BlockLayout
 from dcwdist.parallel.balance import Sharding
-from dcwdist.parallel.comm import all_gather
+from dcwdist.parallel.comm import all_gather, keep_in_graph
+from dcwdist.parallel.qship import (block_hits, choose_core, core_bytes, qship_attention,
+                                    qship_plan, ship_counts)
 from dcwdist.parallel.ring import ring_attention
 from dcwdist.parallel.zigzag import CPShard
 
@@ -51,10 +67,7 @@ def _rows(layout: BlockLayout, q_blocks: torch.Tensor):
     """Entries of the rows (b, g, q_blocks) of a layout: (new row of entry, entry index, rows)."""
     BG, NQ, dev = layout.batch * layout.groups, layout.num_q_blocks, layout.indptr.device
     rows = (torch.arange(BG, device=dev)[:, None] * NQ + q_blocks[None, :]).reshape(-1)
-    start, count = layout.indptr[rows], layout.indptr[rows + 1] - layout.indptr[rows]
-    new_row = torch.repeat_interleave(torch.arange(rows.numel(), device=dev), count)
-    off = torch.arange(new_row.numel(), device=dev) - F.pad(torch.cumsum(count, 0), (1, 0))[new_row]
-    return new_row, start[new_row] + off, rows.numel()
+    return *layout.row_entries(rows), rows.numel()
 
 
 def _q_side(layout: BlockLayout, shard: CPShard):
@@ -147,7 +160,8 @@ def gather_sizes(routes: dict, size: int) -> dict:
 
 
 def dcw_cp_plan(cfg, ctx):
-    """Global plan + this rank's ring steps and compact-set routes, cached for every layer."""
+    """Global plan + this rank's compact-set routes, cached for every layer (the ring steps or
+    the qship plan are added by core_attention when first used)."""
     shard: CPShard = ctx.cache["cp_shard"]
     key = ("cp_dcw_plan", cfg.block_size, cfg.window, cfg.buffer_window, cfg.stride,
            cfg.summary_pool)
@@ -158,16 +172,45 @@ def dcw_cp_plan(cfg, ctx):
         raise ValueError("attention.kind='dcw' needs ctx.tiers (global [B, T / block_size] "
                          "under context parallelism); got None")
     plan = build_dcw_plan(cfg, shard.doc_ids, ctx.tiers)
-    local_steps = split_by_source(plan.local, shard)
-    buffer_steps = split_by_source(plan.buffer, shard)
     routes = compact_routes(shard.sharding, cfg.block_size, plan.strided_idx,
                             plan.strided.k_doc >= 0, plan.core_idx, plan.core_valid)
-    hit = {"tiers": ctx.tiers, "sharding": shard.sharding, "plan": plan,
-           "steps": [[a, b] for a, b in zip(local_steps, buffer_steps)],
+    hit = {"tiers": ctx.tiers, "sharding": shard.sharding, "plan": plan, "choice": {},
            "strided": select_rows(plan.strided, shard), "strided_route": routes["strided"],
            "summary": select_rows(plan.summary, shard), "summary_route": routes["summary"]}
     ctx.cache[key] = hit
     return hit
+
+
+def core_choice(p: dict, shard: CPShard, q_BTHD, k_BTKD) -> str:
+    """"ring" or "qship" for this layer: shard.core, or for "auto" the fewer bytes by the byte
+    model (qship.py) on the plan's ship counts, cached per (H, Hkv, D, element size)."""
+    if shard.core != "auto":
+        return choose_core(shard.core, {}, [])
+    B, _, H, D = q_BTHD.shape
+    key = (H, k_BTKD.shape[2], D, q_BTHD.element_size())
+    if key not in p["choice"]:
+        blk = p["plan"].local.q_block
+        if "block_hits" not in p:  # every rank computes the same from the global layouts
+            p["block_hits"] = block_hits([p["plan"].local, p["plan"].buffer], shard.sharding)
+        counts = ship_counts(p["block_hits"], shard.sharding, blk)
+        p["choice"][key] = choose_core("auto", *core_bytes(counts, B, shard.seq_len, blk, *key))
+    return p["choice"][key]
+
+
+def core_attention(p: dict, shard: CPShard, q_BTHD, k_BTKD, v_BTKD, cfg, choice: str):
+    """(out, lse) of the local + buffer layouts: K/V around the ring, or queries shipped."""
+    plan = p["plan"]
+    if choice == "ring":
+        if "steps" not in p:
+            p["steps"] = [list(s) for s in zip(split_by_source(plan.local, shard),
+                                               split_by_source(plan.buffer, shard))]
+        return ring_attention(q_BTHD, k_BTKD, v_BTKD, p["steps"], shard, None, cfg.impl,
+                              cfg.chunk_size)
+    if "qship" not in p:
+        p["qship"] = qship_plan([plan.local, plan.buffer], shard.sharding, shard.rank,
+                                p.get("block_hits"))
+    return qship_attention(q_BTHD, k_BTKD, v_BTKD, p["qship"], shard, None, cfg.impl,
+                           cfg.chunk_size)
 
 
 def dcw_cp_attention(module, q_BTHD, k_BTKD, v_BTKD, ctx) -> torch.Tensor:
@@ -176,10 +219,11 @@ def dcw_cp_attention(module, q_BTHD, k_BTKD, v_BTKD, ctx) -> torch.Tensor:
     p = dcw_cp_plan(cfg, ctx)
     blk, pool = cfg.block_size, cfg.summary_pool
     run = lambda q, k, v, lay: attend_layout(q, k, v, lay, None, cfg.impl, cfg.chunk_size)  # noqa: E731
-    ring = ring_attention(q_BTHD, k_BTKD, v_BTKD, p["steps"], shard, None, cfg.impl,
-                          cfg.chunk_size)
+    choice = core_choice(p, shard, q_BTHD, k_BTKD)
+    ctx.cache.setdefault("cp_core", {})[module.layer_idx] = choice  # for logs and tests
+    core = core_attention(p, shard, q_BTHD, k_BTKD, v_BTKD, cfg, choice)
     kv_s = gather_slots(torch.stack([k_BTKD, v_BTKD], 2), *p["strided_route"], shard, "strided")
-    local, _ = merge_partials([ring, run(q_BTHD, kv_s[:, :, 0], kv_s[:, :, 1], p["strided"])])
+    local, _ = merge_partials([core, run(q_BTHD, kv_s[:, :, 0], kv_s[:, :, 1], p["strided"])])
     # Pool every local block (cheap); each rank then sends the summaries of its core blocks.
     B, NBl = q_BTHD.shape[0], q_BTHD.shape[1] // blk
     all_local = torch.arange(NBl, device=q_BTHD.device).expand(B, NBl)
@@ -194,7 +238,8 @@ def dcw_cp_attention(module, q_BTHD, k_BTKD, v_BTKD, ctx) -> torch.Tensor:
         weight = (1 + s - s.detach()).repeat_interleave(per, 1)
         v_sum = v_sum * weight[:, :, None, None]
     cross, _ = run(q_BTHD, k_sum, v_sum, p["summary"])
-    return local + module.alpha.to(local.dtype) * cross
+    # every rank runs both gathers' backward all-reduce, even if none of its rows read the sets
+    return keep_in_graph(local + module.alpha.to(local.dtype) * cross, kv_s, kv_sum)
 
 
 # -- the scorer under CP ------------------------------------------------------------------------

@@ -111,6 +111,14 @@ class _RingAttention(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+def ring_bytes(B: int, T: int, P: int, n_kv: int, head_dim: int, elem: int) -> dict:
+    """Bytes one rank sends per ring_attention call, K = B * (T / P) * n_kv * head_dim: K/V
+    (elem bytes) (P - 1) hops forward and again backward, the fp32 dK/dV accumulator P hops."""
+    kv = 2 * B * (T // P) * n_kv * head_dim
+    return {"ring_kv_fwd": (P - 1) * kv * elem, "ring_kv_bwd": (P - 1) * kv * elem,
+            "ring_dkv_bwd": P * kv * 4}
+
+
 def ring_attention_multi(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor,
                          outputs: Sequence[Sequence[Sequence[BlockLayout]]], shard: CPShard,
                          softmax_scale: Optional[float] = None, impl: str = "torch",

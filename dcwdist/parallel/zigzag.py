@@ -68,6 +68,8 @@ class CPShard:
     """[B, T] global labels (cp_context)."""
     balance: str = "zigzag"
     """parallel.cp_balance this shard was built with ("doc": rebalance after the scorer)."""
+    core: str = "auto"
+    """parallel.cp_core: DCW's core/window keys by "ring", "qship" (queries shipped) or "auto"."""
 
     def __post_init__(self):
         if self.sharding is None:
@@ -112,13 +114,14 @@ def unshard(x_local: torch.Tensor, shard: CPShard) -> torch.Tensor:
 
 def cp_context(batch, kind: str, group, align: int = 1,
                counter: Optional[CommCounter] = None, balance: str = "zigzag",
-               attn_cfg=None):
+               attn_cfg=None, core: str = "auto"):
     """(this rank's Batch, its AttnContext) for a full-sequence Batch under context parallelism.
 
     ctx.group selects the attention modules' CP path; ctx.cache["cp_shard"] holds the global
     metadata and the sharding; ctx.cache["relevance"] stays global (the scorer runs on the whole
     sequence). balance="doc" (parallel.cp_balance) deals attn_cfg.block_size blocks by their
     attention work (balance.py) instead of zigzag; DCW re-deals them once its tiers exist.
+    core (parallel.cp_core) picks how DCW's core/window rows reach other ranks' keys.
     """
     if kind not in cp_kinds():
         raise ValueError(f"context parallelism supports attention.kind in {cp_kinds()}; "
@@ -130,7 +133,7 @@ def cp_context(batch, kind: str, group, align: int = 1,
     sharding = make_sharding(batch.doc_ids, size, balance, attn_cfg)
     local = shard_batch(batch, size, rank, sharding)
     shard = CPShard(group, size, rank, batch.tokens.shape[1], batch.doc_ids, batch.positions,
-                    batch.roles, counter, sharding, batch.tokens, batch.labels, balance)
+                    batch.roles, counter, sharding, batch.tokens, batch.labels, balance, core)
     ctx = AttnContext(doc_ids=local.doc_ids, positions=local.positions, roles=local.roles,
                       group=group, cache={"relevance": batch.relevance, "cp_shard": shard})
     return local, ctx

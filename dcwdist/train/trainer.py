@@ -177,7 +177,8 @@ class Trainer:
         if self.dims.cp > 1:  # this cp rank's shard; ctx.group selects the CP path
             align = self.attn_cfg.block_size if self.attn_cfg.block_based else 1
             batch, ctx = cp_context(batch, self.attn_cfg.kind, self.dims.cp_group, align,
-                                    balance=self.cfg.parallel.cp_balance, attn_cfg=self.attn_cfg)
+                                    balance=self.cfg.parallel.cp_balance, attn_cfg=self.attn_cfg,
+                                    core=self.cfg.parallel.cp_core)
         else:
             ctx = context_for(batch)
         module = self.module
@@ -208,6 +209,8 @@ class Trainer:
             # The scorer's aux losses and metrics are computed whole on each of the cp ranks.
             share = micro.tokens.shape[0] / rows_global / cp
             loss_sum, ctx = self._forward(micro)
+            if s == 0 and self.stage_step == 0 and ctx.cache.get("cp_core"):  # DCW under CP
+                self.echo(f"cp_core (dcw core/window keys) by layer: {ctx.cache['cp_core']}")
             loss = torch.zeros((), device=self.device)
             if loss_sum is not None:
                 loss = loss + loss_sum.float() / num_loss_tokens
