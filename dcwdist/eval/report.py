@@ -73,9 +73,12 @@ def run_summary(run_dir: str) -> dict:
            "specificity": data["specificity"]}
     sc = _scalars(run_dir)
     stage_len = dict(sc.get("eval/seq_len", []))
-    out["val_loss"] = {int(stage_len.get(s, 0)): v for s, v in sc.get("eval/loss", [])}
-    out["val_answer_loss"] = {int(stage_len.get(s, 0)): v
-                              for s, v in sc.get("eval/answer_loss", [])}
+    # Only this config's stage lengths: a run directory reused by an earlier run keeps that
+    # run's event files beside the new ones (the later value of a length wins).
+    lengths = {int(st["seq_len"]) for st in cfg.get("stages", [])}
+    for key, tag in (("val_loss", "eval/loss"), ("val_answer_loss", "eval/answer_loss")):
+        out[key] = {n: v for n, v in ((int(stage_len.get(s, 0)), v) for s, v in sc.get(tag, []))
+                    if n in lengths}
     out["tokens_per_s"] = _tail_mean(sc.get("train/tokens_per_s", []))
     out["train_flops_realised"] = _tail_mean(sc.get("train/scorer/flops_realised", []))
     out["core_recall"] = _tail_mean(sc.get("train/scorer/core_recall", []))

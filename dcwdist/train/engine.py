@@ -57,9 +57,12 @@ def deepspeed_config(zero: ZeroConfig, optim: OptimConfig, micro_batch: int, gra
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": optim.grad_clip,
-        "optimizer": {"type": "AdamW", "torch_adam": zero.torch_adam,
+        # torch_adam belongs in params (DeepSpeed pops it there); at the optimizer level it was
+        # ignored and a GPU run tried to JIT-build FusedAdam.
+        "optimizer": {"type": "AdamW",
                       "params": {"lr": optim.lr, "betas": [optim.beta1, optim.beta2],
-                                 "eps": optim.eps, "weight_decay": optim.weight_decay}},
+                                 "eps": optim.eps, "weight_decay": optim.weight_decay,
+                                 "torch_adam": zero.torch_adam}},
         "zero_optimization": zopt,
         "bf16": {"enabled": bf16},
         "steps_per_print": 1 << 30,
