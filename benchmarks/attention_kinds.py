@@ -12,7 +12,6 @@ random tiers with exact 20/30/50 ratios (as benchmarks/attention.py).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -20,17 +19,10 @@ import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-try:
-    import dcwdist.kernels  # noqa: F401
-except ImportError:  # plain checkout on PYTHONPATH: map kernels/ by hand
-    spec = importlib.util.spec_from_file_location(
-        "dcwdist.kernels", os.path.join(REPO, "kernels", "__init__.py"),
-        submodule_search_locations=[os.path.join(REPO, "kernels")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["dcwdist.kernels"] = mod
-    spec.loader.exec_module(mod)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checkout import dcw_tiers, map_packages  # noqa: E402
+
+map_packages()
 
 from dcwdist.attention import AttentionConfig, AttnContext, attention_flops, build_attention  # noqa: E402
 
@@ -49,17 +41,6 @@ KINDS = {
     "dcw": {"kind": "dcw", "window": 32, "buffer_window": 64, "stride": 8},
     "hyena": {"kind": "hyena"},
 }
-
-
-def dcw_tiers(num_blocks: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    n_core, n_buf = round(0.2 * num_blocks), round(0.3 * num_blocks)
-    perm = torch.randperm(num_blocks - 1, generator=g) + 1
-    tiers = torch.full((num_blocks,), 2, dtype=torch.long)
-    tiers[0] = 0
-    tiers[perm[:n_core - 1]] = 0
-    tiers[perm[n_core - 1:n_core - 1 + n_buf]] = 1
-    return tiers
 
 
 def make_ctx(T: int, dev, kind: str) -> AttnContext:

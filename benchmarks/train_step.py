@@ -87,17 +87,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before dcwdist.kernels imports triton
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-for _sub in ("kernels", "data_pipelines"):  # package-dir mappings of pyproject, by hand if needed
-    try:
-        importlib.import_module(f"dcwdist.{_sub}")
-    except ImportError:
-        _spec = importlib.util.spec_from_file_location(
-            f"dcwdist.{_sub}", os.path.join(REPO, _sub, "__init__.py"),
-            submodule_search_locations=[os.path.join(REPO, _sub)])
-        _mod = importlib.util.module_from_spec(_spec)
-        sys.modules[f"dcwdist.{_sub}"] = _mod
-        _spec.loader.exec_module(_mod)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checkout import map_packages  # noqa: E402
+
+map_packages()
 
 from dcwdist.attention import AttentionConfig  # noqa: E402
 from dcwdist.attention.context import ROLE_DOCUMENT, ROLE_INSTRUCTION, AttnContext  # noqa: E402

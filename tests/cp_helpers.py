@@ -47,3 +47,42 @@ def gather_full(x_local: torch.Tensor, group, sharding=None) -> torch.Tensor:
         idx = zigzag_index(T, P, r) if sharding is None else sharding.index(r)
         out[:, idx] = part
     return out
+
+
+def tiny_cp_model(kind: str, seg_mode: str = "", blk: int = 8, vocab: int = 64):
+    """The CP tests' tiny fp64 model (2 layers, GQA 4/2), with a segmenter for DCW when
+    seg_mode is prefix|causal; DCW's alpha starts at 0.5 so the cross-tier path counts."""
+    from dcwdist.attention import AttentionConfig
+    from dcwdist.model import ModelConfig, Transformer
+    from dcwdist.segmentation import SegmentationConfig, build_segmenter
+    torch.manual_seed(0)
+    attn = AttentionConfig(kind=kind, block_size=blk, window=6, buffer_window=12, stride=4,
+                           summary_pool=2, chunk_size=32, caa_windows=[8, 16], caa_c=4.0)
+    cfg = ModelConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
+    seg = None
+    if seg_mode:
+        seg = build_segmenter(SegmentationConfig(
+            mode=seg_mode, scorer_layers=1, scorer_dim=16, scorer_heads=2, scorer_window=16,
+            tau_core=0.5, tau_buffer=0.45, lambda_eff=0.5, eff_target=0.05), cfg.dim, attn)
+    model = Transformer(cfg, attn, seg).double()
+    with torch.no_grad():
+        for layer in model.layers:
+            if hasattr(layer.self_attn.attn, "alpha"):
+                layer.self_attn.attn.alpha.fill_(0.5)
+    return model
+
+
+def assert_cp_equals_single(loss, ref_loss, model, ref_model, group, loss_tol: dict,
+                            grad_tol: dict, label: str) -> None:
+    """Summed per-rank losses and all-reduced parameter gradients equal one process's."""
+    total = loss.detach().clone()
+    dist.all_reduce(total, group=group)
+    torch.testing.assert_close(total, ref_loss.detach(), **loss_tol)
+    for (name, p_ref), (_, p) in zip(ref_model.named_parameters(), model.named_parameters()):
+        if p_ref.grad is None:
+            assert p.grad is None or not p.grad.any(), name
+            continue
+        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p_ref.grad)
+        dist.all_reduce(g, group=group)
+        torch.testing.assert_close(g, p_ref.grad, **grad_tol,
+                                   msg=lambda m: f"{label} grad {name}: {m}")

@@ -22,16 +22,14 @@ from dcwdist.attention import AttentionConfig, AttnContext
 from dcwdist.attention.context import ROLE_ANSWER, ROLE_DOCUMENT, ROLE_INSTRUCTION, ROLE_PAD
 from dcwdist.attention.layouts import ROW_CAUSAL, ROW_WINDOW, local_layout, topk_layout
 from dcwdist.data_pipelines.packing import IGNORE, Batch
-from dcwdist.model import ModelConfig, Transformer
 from dcwdist.parallel.balance import (block_work, load_spread, make_sharding, rank_loads,
                                       rank_pairs, zigzag_sharding)
 from dcwdist.parallel.dcw_cp import select_rows, split_by_source
 from dcwdist.parallel.ring import dense_step_layouts
 from dcwdist.parallel.stage import check_cp_stage
 from dcwdist.parallel.zigzag import CPShard, cp_context
-from dcwdist.segmentation import SegmentationConfig, build_segmenter
 from tests.conftest import REPO
-from tests.cp_helpers import gather_full, spawn
+from tests.cp_helpers import assert_cp_equals_single, gather_full, spawn, tiny_cp_model
 from tests.test_cp_attention import packed_docs
 
 
@@ -169,21 +167,7 @@ def packed_batch(seed: int, prefix: bool = False) -> Batch:
 
 
 def make_model(kind: str, seg_mode: str = ""):
-    torch.manual_seed(0)
-    attn = AttentionConfig(kind=kind, block_size=BLK, window=6, buffer_window=12, stride=4,
-                           summary_pool=2, chunk_size=32, caa_windows=[8, 16], caa_c=4.0)
-    cfg = ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
-    seg = None
-    if seg_mode:
-        seg = build_segmenter(SegmentationConfig(
-            mode=seg_mode, scorer_layers=1, scorer_dim=16, scorer_heads=2, scorer_window=16,
-            tau_core=0.5, tau_buffer=0.45, lambda_eff=0.5, eff_target=0.05), cfg.dim, attn)
-    model = Transformer(cfg, attn, seg).double()
-    with torch.no_grad():  # alpha starts at 0; make the cross-tier path count
-        for layer in model.layers:
-            if hasattr(layer.self_attn.attn, "alpha"):
-                layer.self_attn.attn.alpha.fill_(0.5)
-    return model
+    return tiny_cp_model(kind, seg_mode, BLK, VOCAB)
 
 
 def forward(model, batch: Batch, group, balance: str, labels: bool):
@@ -220,18 +204,11 @@ def check_balanced_model(rank, world, group, kind, seg_mode, balance):
         if kind == "dcw":
             first = make_sharding(batch.doc_ids, world, "doc", model.attn_cfg)
             assert not torch.equal(first.order, sh.order)
-    total = loss.detach().clone()
-    dist.all_reduce(total, group=group)
-    torch.testing.assert_close(total, ref.detach(), rtol=1e-6, atol=1e-8)
-    for (name, p_ref), (_, p) in zip(ref_model.named_parameters(), model.named_parameters()):
-        if p_ref.grad is None:
-            assert p.grad is None or not p.grad.any(), name
-            continue
-        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p_ref.grad)
-        dist.all_reduce(g, group=group)
-        torch.testing.assert_close(g, p_ref.grad, rtol=1e-5, atol=1e-7,
-                                   msg=lambda m: f"{kind}/{seg_mode}/{balance} {name}: {m}")
-        assert p_ref.grad.abs().max() > 0 or "segmenter" in name or seg_mode == "prefix", name
+    assert_cp_equals_single(loss, ref, model, ref_model, group, dict(rtol=1e-6, atol=1e-8),
+                            dict(rtol=1e-5, atol=1e-7), f"{kind}/{seg_mode}/{balance}")
+    for name, p_ref in ref_model.named_parameters():
+        assert (p_ref.grad is None or p_ref.grad.abs().max() > 0 or "segmenter" in name
+                or seg_mode == "prefix"), name
     # hidden states (no labels) come back in the final deal: gathered, they equal one process
     with torch.no_grad():
         ref_h, _ = forward(ref_model, batch, None, balance, False)

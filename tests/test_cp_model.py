@@ -7,32 +7,16 @@ import torch.distributed as dist
 from dcwdist.attention import AttentionConfig, AttnContext
 from dcwdist.attention.context import ROLE_ANSWER, ROLE_DOCUMENT, ROLE_INSTRUCTION, ROLE_PAD
 from dcwdist.data_pipelines.packing import IGNORE, Batch
-from dcwdist.model import ModelConfig, Transformer
 from dcwdist.parallel.dims import ParallelDims, ParallelLayoutError
 from dcwdist.parallel.stage import check_cp_stage
 from dcwdist.parallel.zigzag import cp_context
-from dcwdist.segmentation import SegmentationConfig, build_segmenter
-from tests.cp_helpers import gather_full, spawn
+from tests.cp_helpers import assert_cp_equals_single, gather_full, spawn, tiny_cp_model
 
 T, BLK, VOCAB = 128, 8, 64
 
 
 def make_model(kind: str, seg_mode: str = ""):
-    torch.manual_seed(0)
-    attn = AttentionConfig(kind=kind, block_size=BLK, window=6, buffer_window=12, stride=4,
-                           summary_pool=2, chunk_size=32)
-    cfg = ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
-    seg = None
-    if seg_mode:
-        seg = build_segmenter(SegmentationConfig(
-            mode=seg_mode, scorer_layers=1, scorer_dim=16, scorer_heads=2, scorer_window=16,
-            tau_core=0.5, tau_buffer=0.45, lambda_eff=0.5, eff_target=0.05), cfg.dim, attn)
-    model = Transformer(cfg, attn, seg).double()
-    with torch.no_grad():  # alpha starts at 0; make the cross-tier path count
-        for layer in model.layers:
-            if hasattr(layer.self_attn.attn, "alpha"):
-                layer.self_attn.attn.alpha.fill_(0.5)
-    return model
+    return tiny_cp_model(kind, seg_mode, BLK, VOCAB)
 
 
 def make_batch(prefix: bool = False) -> Batch:
@@ -94,19 +78,12 @@ def check_loss_and_grads(rank, world, group, kind, seg_mode):
     ref.backward()
     loss = step_loss(model, batch, group, tiers)
     loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total, group=group)
-    torch.testing.assert_close(total, ref.detach(), rtol=1e-6, atol=1e-8)
-    for (name, p_ref), (_, p) in zip(ref_model.named_parameters(), model.named_parameters()):
-        if p_ref.grad is None:
-            assert p.grad is None or not p.grad.any(), name
-            continue
-        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p_ref.grad)
-        dist.all_reduce(g, group=group)
-        torch.testing.assert_close(g, p_ref.grad, rtol=1e-5, atol=1e-7,
-                                   msg=lambda m: f"{kind}/{seg_mode} grad {name}: {m}")
-        # (prefix mode: the last layer's alpha only reaches non-core tokens, which carry no loss)
-        assert p_ref.grad.abs().max() > 0 or "segmenter" in name or seg_mode == "prefix", name
+    assert_cp_equals_single(loss, ref, model, ref_model, group, dict(rtol=1e-6, atol=1e-8),
+                            dict(rtol=1e-5, atol=1e-7), f"{kind}/{seg_mode}")
+    # (prefix mode: the last layer's alpha only reaches non-core tokens, which carry no loss)
+    for name, p_ref in ref_model.named_parameters():
+        assert (p_ref.grad is None or p_ref.grad.abs().max() > 0 or "segmenter" in name
+                or seg_mode == "prefix"), name
 
 
 def check_causal_and_packed(rank, world, group, kind, seg_mode):
