@@ -19,12 +19,17 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# Two CPU ranks over gloo, DeepSpeed ZeRO-2 sharding the optimizer, checkpoints every 20 steps.
+# Two CPU ranks over gloo, DeepSpeed ZeRO-2 sharding the optimizer: the 512-token stage runs
+# data-parallel (dp=2), the 2k stage context-parallel (cp=2, one sequence over both ranks).
+# The first leg stops at step 40 as a preemption would (checkpoint, exit 0); the second resumes.
 DEMO_ENV := DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=$(HOME)/.cache/dcwdist/torch_extensions
+DEMO_RUN := $(DEMO_ENV) $(BIN)/python -m torch.distributed.run --nproc-per-node 2 \
+	  --master-addr 127.0.0.1 --master-port 29533 -m dcwdist.cli train recipes/tiny_cpu.yaml \
+	  zero.enabled=true zero.stage=2 stages.1.cp=2 checkpoint.every=20 --run-dir runs/tiny_cpu
 demo: $(STAMP)
-	$(DEMO_ENV) $(BIN)/python -m torch.distributed.run --nproc-per-node 2 --master-addr 127.0.0.1 \
-	  --master-port 29533 -m dcwdist.cli train recipes/tiny_cpu.yaml zero.enabled=true zero.stage=2 \
-	  checkpoint.every=20 --run-dir runs/tiny_cpu
+	rm -rf runs/tiny_cpu
+	$(DEMO_RUN) checkpoint.stop_at=40
+	$(DEMO_RUN) checkpoint.resume=auto
 	$(BIN)/dcwdist tb runs/tiny_cpu
 
 test: $(STAMP)

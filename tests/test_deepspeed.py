@@ -131,3 +131,16 @@ def test_dcw_with_the_scorer_on_two_ranks_equals_single_process(tmp_path):
     assert any(k.startswith("segmenter.") for k in a) and any(k.endswith("alpha") for k in a)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+def test_stop_at_drill_checkpoints_exits_0_and_resume_reproduces_the_curve(uninterrupted,
+                                                                           tmp_path):
+    _, over, full = uninterrupted
+    run_dir = str(tmp_path / "run")
+    first = subprocess.run(train_cmd(run_dir, over + ["checkpoint.stop_at=3"], nproc=2),
+                           env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "stopped by checkpoint.stop_at at step 3" in first.stdout + first.stderr
+    resumed = run_train(run_dir, over + ["checkpoint.resume=auto"], nproc=2)
+    assert "resumed at step 3" in resumed["stdout"]
+    assert losses(resumed) == losses(full)[3:]

@@ -34,10 +34,14 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are pruned."""
     resume: str = "none"
     """none | auto (newest complete checkpoint, else start fresh) | a tag or path to resume from."""
+    stop_at: int = 0
+    """Stop after this optimizer step as a preemption would: checkpoint, exit 0 (0: off). For
+    preemption drills and the demo's resume leg."""
 
     def __post_init__(self):
-        if self.every < 0 or self.keep_last < 1:
-            raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+        if self.every < 0 or self.keep_last < 1 or self.stop_at < 0:
+            raise ValueError("checkpoint.every and checkpoint.stop_at must be >= 0 and "
+                             "checkpoint.keep_last >= 1")
 
 
 def tag_for(step: int) -> str:

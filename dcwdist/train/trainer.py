@@ -288,6 +288,7 @@ class Trainer:
             rows_src = self.apply_stage(stage)
             self.echo(f"stage {i} ({stage.label}): seq_len={stage.seq_len} steps={stage.steps} "
                       f"rows/step={self.rows_per_rank * self.dims.dp} micro={self.micro} "
+                      f"dp={self.dims.dp} x cp={self.dims.cp} "
                       f"rope={self.model.rope_cfg.scaling}x{self.model.rope_cfg.factor:g}")
             while self.stage_step < stage.steps:
                 t0 = time.perf_counter()
@@ -311,10 +312,12 @@ class Trainer:
                 if self.is_main:
                     with open(os.path.join(self.run_dir, "last_step"), "w") as f:
                         f.write(str(self.step))
-                if stop.agreed():
+                drill = cfg.checkpoint.stop_at == self.step  # same step on every rank
+                if stop.agreed() or drill:
                     bar.close()
                     self.save_checkpoint()
-                    self.echo(f"stopped by {stop.signame} at step {self.step}; checkpoint saved, "
+                    why = "checkpoint.stop_at" if drill else stop.signame
+                    self.echo(f"stopped by {why} at step {self.step}; checkpoint saved, "
                               "resume with checkpoint.resume=auto")
                     return {"steps": self.step, "stopped": True, **self._loss_summary()}
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
