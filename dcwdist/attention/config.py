@@ -32,6 +32,9 @@ class AttentionConfig:
     """DCW buffer tier's strided keys: positions = 0 mod stride from the document start."""
     summary_pool: int = 4
     """DCW cross-tier summaries: consecutive core tokens mean-pooled into one summary."""
+    dcw_background_windows: list[int] = ()
+    """DCW background tier as multi-window heads: kv-head groups with these windows (e.g.
+    [32, 128, 512]); empty: one `window` for every head. cp = 1 only for now."""
     num_global: int = 64
     """static_sparse: the first `num_global` tokens of each document are visible to all."""
     topk_blocks: int = 8
@@ -91,6 +94,10 @@ class AttentionConfig:
                      "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"attention.{name} must be >= 1, got {getattr(self, name)}")
+        self.dcw_background_windows = list(self.dcw_background_windows)
+        if any(w < 1 for w in self.dcw_background_windows):
+            raise ValueError("attention.dcw_background_windows must be >= 1, got "
+                             f"{self.dcw_background_windows}")
         if self.summary_pool > self.block_size or self.block_size % self.summary_pool:
             raise ValueError(
                 f"attention.summary_pool ({self.summary_pool}) must divide block_size ({self.block_size})")

@@ -101,6 +101,34 @@ def pool_summaries(x_BTKD: torch.Tensor, doc_BT: torch.Tensor, core_idx: torch.T
     return pooled.reshape(B, -1, K, D).to(x_BTKD.dtype)
 
 
+def background_layouts(cfg: AttentionConfig, ctx: AttnContext, plan: DCWPlan) -> list[BlockLayout]:
+    """`local` layouts of the multi-window background, one per kv-head group: core rows as in
+    plan.local, background rows with that group's window (cached for every layer)."""
+    key = ("dcw_background", cfg.block_size, tuple(cfg.dcw_background_windows))
+    hit = ctx.cache.get(key)
+    if hit is None or hit[0] is not plan.tiers:
+        t = plan.tiers
+        row_kind = torch.where(t == TIER_CORE, ROW_CAUSAL,
+                               torch.where(t == TIER_BACKGROUND, ROW_WINDOW, ROW_NONE))
+        hit = (t, [local_layout(ctx.doc_ids, cfg.block_size, row_kind, w)
+                   for w in cfg.dcw_background_windows])
+        ctx.cache[key] = hit
+    return hit[1]
+
+
+def _local_part(cfg: AttentionConfig, ctx: AttnContext, plan: DCWPlan, q, k, v):
+    """(out, lse) of the core / background layout: one layout, or one per head group."""
+    run = lambda q, k, v, lay: attend_layout(q, k, v, lay, None, cfg.impl, cfg.chunk_size)  # noqa: E731
+    if not cfg.dcw_background_windows:
+        return run(q, k, v, plan.local)
+    G = len(cfg.dcw_background_windows)
+    hq, hk = q.shape[2] // G, k.shape[2] // G
+    parts = [run(q[:, :, g * hq:(g + 1) * hq], k[:, :, g * hk:(g + 1) * hk],
+                 v[:, :, g * hk:(g + 1) * hk], lay)
+             for g, lay in enumerate(background_layouts(cfg, ctx, plan))]
+    return torch.cat([o for o, _ in parts], 2), torch.cat([lse for _, lse in parts], 1)
+
+
 class DCWAttention(nn.Module):
     """Tiered DCW attention of one layer; owns the layer's cross-tier scale alpha (init 0)."""
 
@@ -110,16 +138,22 @@ class DCWAttention(nn.Module):
         self.cfg, self.layer_idx = cfg, layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.alpha = nn.Parameter(torch.zeros(1))  # [1], not 0-dim: DeepSpeed broadcasts views
+        if cfg.dcw_background_windows and n_kv_heads % len(cfg.dcw_background_windows):
+            raise ValueError(f"attention.dcw_background_windows has "
+                             f"{len(cfg.dcw_background_windows)} windows; they must divide "
+                             f"n_kv_heads={n_kv_heads}")
 
     def forward(self, q_BTHD, k_BTKD, v_BTKD, ctx: AttnContext):
         if ctx.group is not None:  # context parallel: this rank's shard (parallel/balance.py)
+            if self.cfg.dcw_background_windows:
+                raise ValueError("attention.dcw_background_windows runs at cp=1 only")
             from dcwdist.parallel.dcw_cp import dcw_cp_attention
             return dcw_cp_attention(self, q_BTHD, k_BTKD, v_BTKD, ctx)
         cfg, plan = self.cfg, dcw_plan(self.cfg, ctx)
         run = lambda q, k, v, lay: attend_layout(q, k, v, lay, None, cfg.impl, cfg.chunk_size)  # noqa: E731
         bi = torch.arange(q_BTHD.shape[0], device=q_BTHD.device)[:, None]
         k_s, v_s = k_BTKD[bi, plan.strided_idx], v_BTKD[bi, plan.strided_idx]
-        local, _ = merge_partials([run(q_BTHD, k_BTKD, v_BTKD, plan.local),
+        local, _ = merge_partials([_local_part(cfg, ctx, plan, q_BTHD, k_BTKD, v_BTKD),
                                    run(q_BTHD, k_BTKD, v_BTKD, plan.buffer),
                                    run(q_BTHD, k_s, v_s, plan.strided)])
         blk, pool = cfg.block_size, cfg.summary_pool

@@ -63,6 +63,10 @@ def _kind_layouts(cfg: AttentionConfig, ctx: AttnContext) -> dict[str, list[Bloc
     if cfg.kind == "dcw":
         from dcwdist.attention.dcw import dcw_plan
         plan = dcw_plan(cfg, ctx)
+        if cfg.dcw_background_windows:  # one local layout per head group: each has 1/G heads
+            from dcwdist.attention.dcw import background_layouts
+            return {"local": [plan.buffer, plan.strided], "cross": [plan.summary],
+                    "background": background_layouts(cfg, ctx, plan)}
         return {"local": [plan.local, plan.buffer, plan.strided], "cross": [plan.summary]}
     from dcwdist.attention.kinds import ATTENTION_KINDS
     module = ATTENTION_KINDS.get(cfg.kind)
@@ -97,7 +101,8 @@ def attention_flops(cfg: AttentionConfig, ctx: AttnContext, n_heads: int, head_d
         if not layouts:
             continue
         # global layouts of block_topk / caa are one per layer: average them.
-        scale = 1.0 / len(layouts) if name == "global" else 1.0
+        # "background" (DCW multi-window): each layout covers 1/G of the heads.
+        scale = 1.0 / len(layouts) if name in ("global", "background") else 1.0
         pairs = sum(_head_pairs(lay, n_heads)[:, :doc.shape[1]].double() for lay in layouts)
         by_token += pairs * scale * per_pair
         by_part[name] = float(pairs.sum()) * scale * per_pair

@@ -13,6 +13,9 @@ def check_cp_stage(attn_cfg, seq_len: int, cp: int, segmenter: Optional[nn.Modul
     if attn_cfg.kind not in cp_kinds():
         raise ValueError(f"context parallelism (cp={cp}) supports attention.kind in {cp_kinds()}; "
                          f"got {attn_cfg.kind!r}")
+    if attn_cfg.kind == "dcw" and attn_cfg.dcw_background_windows:
+        raise ValueError(f"attention.dcw_background_windows (multi-window background) runs at "
+                         f"cp=1 only; got cp={cp}")
     check_shardable(seq_len, cp, attn_cfg.block_size if attn_cfg.block_based else 1)
     if segmenter is not None:
         from dcwdist.parallel.dcw_cp import install_cp_segmenter
