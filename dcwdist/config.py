@@ -51,6 +51,9 @@ class JobConfig:
     def __post_init__(self):
         if not self.stages:
             raise ValueError("stages: a recipe needs at least one stage")
+        if self.optim.nonfinite == "skip" and self.zero.enabled:
+            raise ValueError("optim.nonfinite=skip needs the torch backend (zero.enabled=false): "
+                             "a DeepSpeed step updates even on a non-finite gradient")
         attn_fields = {f.name for f in dataclasses.fields(AttentionConfig)}
         for i, stage in enumerate(self.stages):
             for key in stage.attention:

@@ -103,3 +103,51 @@ def test_dcw_with_the_learned_scorer_trains_and_logs_tiers(tmp_path):
     last = lambda tag: acc.Scalars(tag)[-1].value  # noqa: E731
     # Both MFUs are logged and labelled; DCW computes less attention than dense-equivalent.
     assert 0 < last("train/mfu_computed") < last("train/mfu_dense_equiv")
+
+
+def test_nonfinite_skip_drops_the_batch_and_goes_on(tmp_path):
+    """optim.nonfinite=skip: a batch whose loss is non-finite updates nothing; training goes on."""
+    over = SMALL + ["optim.nonfinite=skip", "stages.0.steps=3", "stages.1.steps=0"]
+    cfg = load_config(TINY, over)
+    lines = []
+    trainer = Trainer(cfg, run_dir=str(tmp_path), echo=lines.append)
+    real_forward = trainer._forward
+    calls = {"n": 0}
+
+    def poisoned(batch):  # the second optimizer step's first micro-batch returns a NaN loss
+        loss, ctx = real_forward(batch)
+        calls["n"] += 1
+        if trainer.step == 1 and loss is not None:
+            loss = loss * float("nan")
+        return loss, ctx
+
+    trainer._forward = poisoned
+    before = {}
+
+    def snapshot():
+        return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    real_step = trainer.train_step
+
+    def step(batch, stage):
+        if trainer.step == 1:
+            before.update(snapshot())
+        out = real_step(batch, stage)
+        if trainer.step == 2:
+            after = snapshot()
+            assert all(torch.equal(before[k], after[k]) for k in before)  # nothing updated
+            assert out["skipped"] == 1.0
+        return out
+
+    trainer.train_step = step
+    summary = trainer.fit()
+    assert summary["steps"] == 3
+    assert any("batch skipped (optim.nonfinite=skip)" in str(x) for x in lines)
+    skipped = [h["skipped"] for h in json.load(open(tmp_path / "summary.json"))["history"]]
+    assert skipped == [0.0, 1.0, 0.0]
+
+
+def test_nonfinite_skip_is_refused_with_deepspeed():
+    from dcwdist.configtree import ConfigError
+    with pytest.raises((ValueError, ConfigError), match="optim.nonfinite=skip needs the torch"):
+        load_config(TINY, SMALL + ["optim.nonfinite=skip", "zero.enabled=true"])

@@ -90,6 +90,10 @@ class TorchBackend:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def drop_step(self) -> None:
+        """Discard the accumulated gradients without updating (a skipped batch)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
     def step(self) -> float:
         params = [p for p in self.module.parameters() if p.requires_grad]
         clip = self.optim_cfg.grad_clip or float("inf")

@@ -29,8 +29,13 @@ class OptimConfig:
     """Adam epsilon."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
+    nonfinite: str = "stop"
+    """A non-finite loss or gradient norm: stop (exit 3, naming step and stage) or skip (drop
+    the batch's update on every rank, log train/skipped, go on; torch backend only)."""
 
     def __post_init__(self):
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"optim.nonfinite must be stop or skip, got {self.nonfinite!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
         if self.lr <= 0:

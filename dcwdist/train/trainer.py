@@ -188,11 +188,18 @@ class Trainer:
                 return None, ctx
             return self.backend(batch.tokens, ctx, batch.labels), ctx
 
-    def _check_finite(self, value: torch.Tensor, stage: StageConfig, what: str) -> None:
+    def _check_finite(self, value: torch.Tensor, stage: StageConfig, what: str) -> bool:
+        """True if finite on every rank; else stop (raise) or, with optim.nonfinite=skip,
+        False on every rank together."""
         bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0])
-        if float(_all_reduce(bad)) > 0:  # every rank stops together
-            raise FloatingPointError(f"non-finite {what} at step {self.step + 1} "
-                                     f"(stage {stage.label}); stopping")
+        if float(_all_reduce(bad)) == 0:
+            return True
+        if self.cfg.optim.nonfinite == "skip":
+            self.echo(f"non-finite {what} at step {self.step + 1} (stage {stage.label}); "
+                      "batch skipped (optim.nonfinite=skip)")
+            return False
+        raise FloatingPointError(f"non-finite {what} at step {self.step + 1} "
+                                 f"(stage {stage.label}); stopping")
 
     def train_step(self, batch: Batch, stage: StageConfig) -> dict:
         """One optimizer step on this rank's rows `batch` (rows_per_rank of them)."""
@@ -203,6 +210,8 @@ class Trainer:
         count = _all_reduce(torch.tensor([float(batch.num_loss_tokens)])) / cp
         num_loss_tokens = max(1.0, float(count))  # the step's global denominator
         task_sum = torch.zeros(1, dtype=torch.float64)
+        objective = 0.0  # task + weighted aux losses: what the optimizer minimises
+        skipped = False
         metrics: dict[str, float] = {}
         for s in range(0, batch.tokens.shape[0], self.micro):
             micro = batch.slice_rows(s, s + self.micro).to(self.device)
@@ -219,17 +228,26 @@ class Trainer:
                 loss = loss + value * share
             for key, value in ctx.cache.get("metrics", {}).items():
                 metrics[key] = metrics.get(key, 0.0) + float(value) * micro.tokens.shape[0] / cp
-            self._check_finite(loss.detach().cpu(), stage, "loss")
+            if not self._check_finite(loss.detach().cpu(), stage, "loss"):
+                skipped = True  # every rank leaves the loop at the same micro-batch
+                break
+            objective += float(loss.detach())
             self.backend.backward(loss)
-        grad_norm = self.backend.step()
-        self._check_finite(torch.tensor([grad_norm]), stage, "gradient norm")
+        if skipped:
+            self.backend.drop_step()
+            grad_norm = float("nan")
+        else:
+            grad_norm = self.backend.step()  # (the torch backend never steps on inf/nan)
+            skipped = not self._check_finite(torch.tensor([grad_norm]), stage, "gradient norm")
         self.step += 1
         self.stage_step += 1
-        sums = _all_reduce(torch.tensor([float(task_sum)] + list(metrics.values()),
+        sums = _all_reduce(torch.tensor([float(task_sum), objective] + list(metrics.values()),
                                         dtype=torch.float64))
-        out = {"loss": float(sums[0]) / num_loss_tokens, "lr": lr, "grad_norm": grad_norm,
-               "loss_tokens": num_loss_tokens}
-        out.update({f"scorer/{k}": float(v) / rows_global for k, v in zip(metrics, sums[1:])})
+        out = {"loss": float(sums[0]) / num_loss_tokens, "objective": float(sums[1]), "lr": lr,
+               "grad_norm": grad_norm, "loss_tokens": num_loss_tokens, "skipped": float(skipped)}
+        if self.scorer_only:  # no task loss in phase 1: show what is being minimised
+            out["loss"] = out["objective"]
+        out.update({f"scorer/{k}": float(v) / rows_global for k, v in zip(metrics, sums[2:])})
         return out
 
     # -- checkpoints ----------------------------------------------------------------------
