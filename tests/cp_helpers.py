@@ -16,11 +16,11 @@ import torch.multiprocessing as mp
 from tests.distributed import free_port
 
 
-def _worker(rank, world, port, checks):
+def _worker(rank, world, port, checks, timeout=60.0):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
+                            world_size=world, timeout=datetime.timedelta(seconds=timeout))
     try:
         for fn, args in checks:
             torch.manual_seed(0)
@@ -30,9 +30,11 @@ def _worker(rank, world, port, checks):
         dist.destroy_process_group()
 
 
-def spawn(world: int, checks: list) -> None:
-    """Run [(fn, args), ...] on `world` gloo ranks; raises if any rank fails."""
-    mp.spawn(_worker, args=(world, free_port(), checks), nprocs=world, join=True)
+def spawn(world: int, checks: list, timeout: float = 60.0) -> None:
+    """Run [(fn, args), ...] on `world` gloo ranks; raises if any rank fails. `timeout`
+    (seconds) bounds every collective: a rank left waiting in one (a collective skipped by
+    another rank) raises after it instead of hanging the test."""
+    mp.spawn(_worker, args=(world, free_port(), checks, timeout), nprocs=world, join=True)
 
 
 def gather_full(x_local: torch.Tensor, group, sharding=None) -> torch.Tensor:

@@ -44,7 +44,10 @@ def global_block_scores(q_BTHD, k_BTKD, shard: CPShard, doc_local_BT, blk: int) 
     """[B, G, NB, NB] the single-process pooled scores, from all-gathered per-rank means."""
     G = k_BTKD.shape[2]
     q_m, k_m = pooled_block_means(q_BTHD, k_BTKD, doc_local_BT, blk, G)  # [B, NBl, G, D]
-    parts = all_gather(torch.cat([q_m, k_m], -1), shard.group, shard.counter, "caa_means")
+    # detached: the scores only pick blocks (no gradient), so the all-gather is no autograd
+    # node whose backward collective some ranks could skip
+    parts = all_gather(torch.cat([q_m, k_m], -1).detach(), shard.group, shard.counter,
+                       "caa_means")
     P, B, NBl = parts.shape[:3]
     owner_blocks = torch.cat([shard.index(r)[::blk] // blk for r in range(P)])  # [NB]
     means = torch.empty_like(parts.transpose(0, 1).reshape(B, P * NBl, *parts.shape[3:]))

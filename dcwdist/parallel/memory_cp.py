@@ -19,7 +19,10 @@ Every rank builds the same global MemoryPlan from the global doc ids (memory.py)
   lse is log(run length), known from the doc ids on every rank; the learned compressor's lse is
   gathered too (+ (P-1) * B * R_max * C * Hkv * 4 bytes, fp32). Every rank then holds the whole
   compact set and reads its own query rows of the global layout (`select_rows`).
-Backward of the all-gathers is an all-reduce of the gathered gradients (comm.py).
+Backward of the all-gathers is an all-reduce of the gathered gradients (comm.py). A rank whose
+query rows read no pooled unit (it holds only documents' first segments) would never reach its
+all-gather node in autograd and skip that all-reduce while the others wait in it, so every
+gathered set is tied into the output with zero weight (comm.keep_in_graph), as in dcw_cp.py.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch
 
 from dcwdist.attention.executor import attend_layout, merge_partials
 from dcwdist.attention.memory import pool_units
+from dcwdist.parallel.comm import keep_in_graph
 from dcwdist.parallel.dcw_cp import gather_slots, select_rows, split_by_source
 from dcwdist.parallel.ring import ring_attention
 from dcwdist.parallel.zigzag import CPShard
@@ -120,16 +124,21 @@ def memory_cp_attention(module, q_BTHD, k_BTKD, v_BTKD, ctx) -> torch.Tensor:
                             cfg.chunk_size)]
     x = torch.cat([k_BTKD, v_BTKD], -1)  # [B, Tl, Hkv, 2D]
     queries = module.queries()
+    gathered = []
     for s, rows, route in p["sets"]:
         avg, lse = pool_units(x, route["run"], route["num_runs"], s.size, queries)
         avg_S = gather_slots(avg, *route["slot"], shard, s.name)
+        gathered.append(avg_S)
         if queries is None:  # mean: a run's weight is its length, known on every rank
             lse_S = torch.log(route["length"].clamp_min(1).to(torch.float32))
             lse_S = lse_S[:, :, None, None].expand(avg_S.shape[:4])
         else:
             lse_S = gather_slots(lse, *route["slot"], shard, s.name + "_lse")
+            gathered.append(lse_S)
         kv = merge_runs(avg_S, lse_S, route["unit"], s.num_units).flatten(1, 2)
         parts.append(attend_layout(q_BTHD, kv[..., :D], kv[..., D:], rows, None, cfg.impl,
                                    cfg.chunk_size))
     out, _ = merge_partials(parts)
-    return out
+    # every rank runs the gathers' backward all-reduce, even if none of its rows read a unit
+    # (e.g. it holds only documents' first segments)
+    return keep_in_graph(out, *gathered)

@@ -15,18 +15,24 @@ Every rank builds the same global plan from the global doc ids (the random draw 
 |                                    | split by source rank                 | bwd: again + dK/dV in fp32      |
 | random_global's global tokens      | all-gather of each rank's global K/V | (P-1) * 2 * M_g * Hkv * D * b   |
 |   (compact set, MODE_FAR)          | slots (gather_slots)                 |   M_g = max global slots a rank |
+|                                    |                                      | bwd: all-reduce of the gathered |
+|                                    |                                      |   (on every rank: see below)    |
 
 The ring moves every K/V block even where a window only needs a halo from the preceding chunk:
 simple and exact, with the ring's compute skipping empty steps; a halo exchange (window tokens
 instead of Tl) is the cheaper follow-up for pure window kinds. Head groups (multi_window, s2attn)
 each run their own ring over their slice of kv heads: the same bytes in total, one ring latency
 per group. Layouts are built globally (int tensors, O(T / blk) rows) and cached per forward.
+The gathered global tokens are tied into the output with zero weight (comm.keep_in_graph), so
+the backward all-reduce runs on every rank even where no query row reads them (a rank holding
+only documents shorter than the window would otherwise skip it and hang the others).
 """
 from __future__ import annotations
 
 import torch
 
 from dcwdist.attention.executor import attend_layout, merge_partials
+from dcwdist.parallel.comm import keep_in_graph
 from dcwdist.parallel.dcw_cp import gather_slots, select_rows, split_by_source
 from dcwdist.parallel.ring import ring_attention
 from dcwdist.parallel.zigzag import CPShard
@@ -50,11 +56,17 @@ def cp_plan(plan: list, shard: CPShard) -> list:
 def _run_group_cp(cfg, group_plan, q, k, v, shard: CPShard):
     steps, compact = group_plan
     parts = [ring_attention(q, k, v, steps, shard, None, cfg.impl, cfg.chunk_size)]
+    gathered = []
     for lay, route in compact:
         kv = gather_slots(torch.stack([k, v], 2), *route, shard, "window_global")
+        gathered.append(kv)
         parts.append(attend_layout(q, kv[:, :, 0], kv[:, :, 1], lay, None, cfg.impl,
                                    cfg.chunk_size))
-    return parts[0][0] if len(parts) == 1 else merge_partials(parts)[0]
+    if len(parts) == 1:
+        return parts[0][0]
+    # every rank runs the gathers' backward all-reduce, even if none of its rows read the
+    # global tokens (e.g. all its documents are shorter than the window)
+    return keep_in_graph(merge_partials(parts)[0], *gathered)
 
 
 def windows_cp_attention(module, q_BTHD, k_BTKD, v_BTKD, ctx) -> torch.Tensor:
