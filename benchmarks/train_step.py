@@ -51,6 +51,13 @@ Impls:
                  keeps fp32 master weights + AdamW state in its optimizer, torch_adam=true; no
                  autocast), gradient clipping 1.0. ZeRO on one rank shards nothing: this is the
                  trainer's DeepSpeed path (bf16 weights) against TorchBackend's autocast over fp32.
+Long-sequence memory options (dcwdist impls only; every dcwdist case of the run gets them and
+its row records them): --tiled-mlp N sets ModelConfig.tiled_mlp (the SwiGLU over N-token tiles,
+each recomputed in backward), --offload-activations sets ModelConfig.offload_activations (each
+checkpointed layer input, the final norm input and the loss's hidden gradient in pinned host
+memory until backward; the row adds offloaded_gib, the bytes moved per step, and the CUDA host
+allocator's pinned peak). --plan long walks the lengths up to 2M (100M) / 1M (1B) for the
+longest trainable sequence; run it with both flags, --timed 1 --warmup 1 --no-attn-share.
 Synthetic row: one document (doc_ids 0, positions arange), first 128 tokens instruction role,
 random tokens, sparse random relevance labels (so the scorer's L_seg runs as in joint training).
 
@@ -143,6 +150,14 @@ PLANS = {
     "liger_tail": ([("llama3.2_1b", i, 256 * K)
                     for i in ("hf_liger_offload", "dcwdist_dcw_zero1", "dcwdist_dcw")]
                    + [("qwen2_100m", "dcwdist_dcw", 512 * K)]),
+    # Longest trainable length on one GPU (run with --tiled-mlp / --offload-activations): each
+    # series stops at its first OOM. 128k and 512k first: rows without the flags exist there
+    # (train_step_h100.md) and later lengths extrapolate time and memory from them. The DeepSpeed
+    # bf16 path (bf16 weights: half the bytes per hidden state) for the longest 100M rows and 1B.
+    "long": ([("qwen2_100m", "dcwdist_dcw", L) for L in (128 * K, 512 * K, 1024 * K, 2048 * K)]
+             + [("qwen2_100m", "dcwdist_dcw_zero1", L) for L in (1024 * K, 2048 * K)]
+             + [("llama3.2_1b", "dcwdist_dcw_zero1", L)
+                for L in (128 * K, 256 * K, 512 * K, 1024 * K)]),
     # --smoke (CPU): every impl once at tiny shapes
     "smoke": [("tiny", i, 256) for i in ("hf_sdpa", "hf_sdpa_offload", "hf_liger",
                                          "hf_liger_offload", "dcwdist_dcw", "dcwdist_dcw_zero1")],
@@ -233,8 +248,10 @@ def ensure_process_group(dev) -> None:
                                auto_mpi_discovery=False)
 
 
-def build_dcwdist(shape: dict, kind: str, dev, zero_stage: int | None = None):
-    mcfg = ModelConfig(**shape, activation_checkpointing=True)
+def build_dcwdist(shape: dict, kind: str, dev, zero_stage: int | None = None,
+                  tiled_mlp: int = 0, offload: bool = False):
+    mcfg = ModelConfig(**shape, activation_checkpointing=True, tiled_mlp=tiled_mlp,
+                       offload_activations=offload)
     acfg = AttentionConfig(kind=kind, impl="triton", block_size=64)
     job = JobConfig(model=mcfg, attention=acfg, segmentation=SegmentationConfig())
     with torch.device(dev):
@@ -287,6 +304,9 @@ def build_dcwdist(shape: dict, kind: str, dev, zero_stage: int | None = None):
         out = {k: round(float(v), 4) for k, v in metrics.items()
                if k in ("tier_core", "tier_buffer", "tier_background", "flops_realised")}
         out["backend"] = "torch" if zero_stage is None else f"deepspeed zero{zero_stage} bf16"
+        out.update(tiled_mlp=tiled_mlp, offload_activations=offload)
+        if offload and "ctx" in state:
+            out["offloaded_gib"] = round(state["ctx"].cache.get("offloaded_bytes", 0) / 2**30, 2)
         return out
 
     def close():
@@ -453,7 +473,7 @@ def host_pinned_stats() -> dict:
     return out
 
 
-def build(model_name: str, impl: str, T: int, dev):
+def build(model_name: str, impl: str, T: int, dev, args=None):
     """(model, step, attn_call, extra, close) of an impl name (see the module doc)."""
     shape = MODELS[model_name]
     if impl.startswith("hf_"):
@@ -467,7 +487,9 @@ def build(model_name: str, impl: str, T: int, dev):
     kind, _, zero = impl.removeprefix("dcwdist_").partition("_zero")
     if kind not in ("dense", "dcw") or zero not in ("", "0", "1", "2", "3"):
         raise ValueError(f"unknown impl {impl}")
-    return build_dcwdist(shape, kind, dev, int(zero) if zero else None)
+    return build_dcwdist(shape, kind, dev, int(zero) if zero else None,
+                         tiled_mlp=getattr(args, "tiled_mlp", 0),
+                         offload=getattr(args, "offload_activations", False))
 
 
 def run_case(model_name: str, impl: str, T: int, args, dev, profile: bool = False) -> dict:
@@ -475,7 +497,7 @@ def run_case(model_name: str, impl: str, T: int, args, dev, profile: bool = Fals
     row = {"model": model_name, "impl": impl, "attention": attention_label(impl), "length": T}
     torch.manual_seed(0)
     t_build = time.perf_counter()
-    model, step, attn_call, extra, close = build(model_name, impl, T, dev)
+    model, step, attn_call, extra, close = build(model_name, impl, T, dev, args)
     try:
         return _run_built(row, shape, model, step, attn_call, extra, T, args, dev, profile, t_build)
     finally:
@@ -516,7 +538,7 @@ def _run_built(row, shape, model, step, attn_call, extra, T, args, dev, profile,
     if dev.type == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
-        if impl.endswith("_offload"):
+        if impl.endswith("_offload") or (impl.startswith("dcwdist_") and args.offload_activations):
             row.update(host_pinned_stats())
     row.update(extra(T))
     matmul, attn_dense = model_flops(shape, T)
@@ -606,6 +628,11 @@ def main():
                          "(on CPU unless a GPU is seen)")
     ap.add_argument("--out", default="")
     ap.add_argument("--profile-out", default="")
+    ap.add_argument("--tiled-mlp", type=int, default=0, metavar="N",
+                    help="dcwdist impls: model.tiled_mlp=N (SwiGLU over N-token tiles)")
+    ap.add_argument("--offload-activations", action="store_true",
+                    help="dcwdist impls: model.offload_activations=true (checkpointed inputs "
+                         "in pinned host memory)")
     args = ap.parse_args()
     if args.smoke:
         args.plan, args.timed, args.attn_share = "smoke", 1, False

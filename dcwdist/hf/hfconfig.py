@@ -94,8 +94,8 @@ def rope_from_hf(hf: dict, where: str) -> RopeConfig:
 
 
 def model_config_from_hf(hf_dir: str, base: Optional[ModelConfig] = None) -> ModelConfig:
-    """ModelConfig of the checkpoint's decoder; non-shape fields (activation checkpointing,
-    init_std, loss_chunk, init_from) are kept from `base`."""
+    """ModelConfig of the checkpoint's decoder; non-shape fields (activation checkpointing and
+    the other memory options, init_std, loss_chunk, init_from) are kept from `base`."""
     hf = read_config_json(hf_dir)
     where = os.path.join(hf_dir, "config.json")
     arch = architecture(hf, where)

@@ -32,6 +32,13 @@ class ModelConfig:
     """Rotary embedding; stages may override it."""
     activation_checkpointing: bool = False
     """Recompute each layer in backward instead of storing its activations."""
+    tiled_mlp: int = 0
+    """Tokens per tile of the SwiGLU MLP, each tile recomputed in backward (ALST TiledMLP): the
+    MLP's [tokens, ffn] intermediates peak at one tile; 0 = untiled."""
+    offload_activations: bool = False
+    """Keep what training saves between forward and backward at hidden-state size (each
+    checkpointed layer's input, the final norm's input, the loss's hidden gradient) in host
+    memory, pinned on GPU; needs activation_checkpointing."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights."""
     loss_chunk: int = 2048
@@ -49,6 +56,11 @@ class ModelConfig:
             raise ValueError("model head_dim (dim / n_heads) must be even for RoPE")
         if self.ffn_dim < 0:
             raise ValueError(f"model.ffn_dim must be >= 0, got {self.ffn_dim}")
+        if self.tiled_mlp < 0:
+            raise ValueError(f"model.tiled_mlp must be >= 0 (0 = off), got {self.tiled_mlp}")
+        if self.offload_activations and not self.activation_checkpointing:
+            raise ValueError("model.offload_activations moves the checkpointed layer inputs to "
+                             "the host: set model.activation_checkpointing=true as well")
 
     @property
     def ffn_hidden(self) -> int:

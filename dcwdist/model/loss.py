@@ -2,7 +2,16 @@
 
 The forward computes, chunk by chunk, the summed token losses and their gradients with respect
 to the hidden states and the output weight (the Liger / Cut-Cross-Entropy idea); the backward
-only scales them. Peak memory is one chunk of logits instead of all of them.
+only scales them, in place. Memory, for N tokens, chunk C, vocabulary V, hidden size D:
+
+- kept from forward to backward: grad_h [N, D] in the hidden states' dtype, which stands in for
+  the hidden states themselves (this function does not keep them), and grad_w [V, D]. A loss that
+  recomputes the logits in backward (ALST's tiled loss) must keep the [N, D] hidden states
+  instead: the same size, one more pass over the logits. Nothing of size N x V is kept.
+- transient, per chunk: the [C, V] logits in fp32 (the softmax is formed in their buffer), their
+  gradient in the hidden dtype, and the chunk's [V, D] contribution to grad_w.
+- backward: no new [N, D] or [V, D] tensor; the saved gradients are scaled in place, so one
+  forward supports one backward.
 """
 from __future__ import annotations
 
@@ -29,21 +38,29 @@ class _ChunkedLinearCE(torch.autograd.Function):
             picked = logits.gather(1, y_safe[:, None])[:, 0]
             total = total + ((lse - picked) * valid).sum()
             if needs_grad:
-                # d(sum loss)/d logits = softmax - onehot, zero on ignored rows.
-                g = torch.softmax(logits, dim=-1)
+                # d(sum loss)/d logits = softmax - onehot, zero on ignored rows; the softmax
+                # exp(logits - lse) overwrites the logits (one [C, V] fp32 buffer, not two).
+                g = logits.sub_(lse[:, None]).exp_()
                 g[torch.arange(len(y), device=y.device), y_safe] -= 1.0
                 g *= valid[:, None]
                 g = g.to(h.dtype)
                 grad_h[s:s + chunk] = g @ weight_VD
-                grad_w += (g.t() @ h).to(acc)
+                grad_w += (g.t() @ h).to(acc)  # (not addmm_: in-place ops escape autocast)
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight_VD.dtype))
+        ctx.scaled = False
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.scaled:  # saved-tensor hooks (activation offload) skip autograd's version check
+            raise RuntimeError("chunked cross-entropy: a second backward through one forward is "
+                               "not supported (its saved gradients are scaled in place)")
+        ctx.scaled = True
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None
+        # In place: no second [N, D] / [V, D] tensor at the start of backward.
+        return (grad_h.mul_(grad_out.to(grad_h.dtype)), grad_w.mul_(grad_out.to(grad_w.dtype)),
+                None, None)
 
 
 def chunked_cross_entropy_sum(hidden_BTD: torch.Tensor, weight_VD: torch.Tensor,

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dcwdist.attention import AttentionConfig, AttnContext, build_attention
+from dcwdist.model.activations import OffloadSaved, tiled
 from dcwdist.model.config import ModelConfig
 from dcwdist.model.loss import chunked_cross_entropy_sum
 from dcwdist.model.rope import RopeConfig, apply_rope, rope_cos_sin
@@ -30,13 +31,20 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """down(silu(gate(x)) * up(x)); with `tile` > 0, over tiles of that many tokens, each
+    recomputed in backward (`activations.tiled`)."""
+
+    def __init__(self, dim: int, hidden: int, tile: int = 0):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.tile = tile
 
     def forward(self, x):
+        return tiled(self._mlp, x, self.tile) if self.tile else self._mlp(x)
+
+    def _mlp(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -70,7 +78,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = SelfAttention(cfg, attn_cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.ffn_hidden)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_hidden, cfg.tiled_mlp)
 
     def forward(self, x, cos, sin, ctx: AttnContext):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
@@ -150,13 +158,25 @@ class Transformer(nn.Module):
                     tokens_BT, labels_BT = moved
                     h = self.embed_tokens(tokens_BT)
         cos, sin = rope_cos_sin(self.rope_cfg, self.cfg.head_dim, ctx.positions, h.dtype)
-        for layer in self.layers:
-            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+        ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+        if not (ckpt and self.cfg.offload_activations):
+            for layer in self.layers:
+                h = (checkpoint(layer, h, cos, sin, ctx, use_reentrant=False) if ckpt
+                     else layer(h, cos, sin, ctx))
+            h = self.norm(h)
+            return h if labels_BT is None else self.loss_sum(h, labels_BT)
+        # Offload: every tensor of at least hidden-state size that autograd keeps from here to
+        # backward goes to host memory. Inside the checkpoints that is each layer's input; the
+        # final norm is checkpointed too so its input is all it keeps; the loss keeps its
+        # gradient with respect to the hidden states (model/loss.py).
+        offload = OffloadSaved(min_numel=h.numel())
+        with offload:
+            for layer in self.layers:
                 h = checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, ctx)
-        h = self.norm(h)
-        return h if labels_BT is None else self.loss_sum(h, labels_BT)
+            h = checkpoint(self.norm, h, use_reentrant=False)
+            out = h if labels_BT is None else self.loss_sum(h, labels_BT)
+        ctx.cache["offloaded_bytes"] = offload.offloaded_bytes
+        return out
 
     def loss_sum(self, hidden_BTD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
         """Summed next-token CE over labels >= 0, chunked so the logits never exist in full."""

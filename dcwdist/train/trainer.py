@@ -53,6 +53,14 @@ def build_model(cfg: JobConfig, attn_cfg: AttentionConfig) -> Transformer:
     return model
 
 
+def memory_options(model_cfg) -> str:
+    """', activations: checkpointed + tiled MLP (4096) + offload' for the start line; '' if none."""
+    parts = [name for name, on in (("checkpointed", model_cfg.activation_checkpointing),
+                                   (f"tiled MLP ({model_cfg.tiled_mlp})", model_cfg.tiled_mlp),
+                                   ("offload", model_cfg.offload_activations)) if on]
+    return f", activations: {' + '.join(parts)}" if parts else ""
+
+
 def init_distributed(cfg: JobConfig, env: DistEnv, device: torch.device) -> None:
     """Process group from the launcher's variables; DeepSpeed needs one even for one process."""
     if dist.is_initialized() or not (env.distributed or cfg.zero.enabled):
@@ -290,8 +298,8 @@ class Trainer:
                   f"attention={cfg.attention.kind}, backend={self.backend.name}"
                   f"{f' zero-{cfg.zero.stage}' if cfg.zero.enabled else ''}, "
                   f"world={self.world_size} (dp={self.dims.dp} x cp={self.dims.cp}), "
-                  f"device={self.device}, {len(cfg.stages)} stage(s), {self.total_steps} steps"
-                  f" -> {self.run_dir}")
+                  f"device={self.device}{memory_options(cfg.model)}, {len(cfg.stages)} stage(s), "
+                  f"{self.total_steps} steps -> {self.run_dir}")
         state = self.ckpt.resume(self.backend, cfg.checkpoint.resume)
         if state is not None:
             self._restore(state)
