@@ -51,15 +51,16 @@ def gather_full(x_local: torch.Tensor, group, sharding=None) -> torch.Tensor:
     return out
 
 
-def tiny_cp_model(kind: str, seg_mode: str = "", blk: int = 8, vocab: int = 64):
+def tiny_cp_model(kind: str, seg_mode: str = "", blk: int = 8, vocab: int = 64, **attn_kw):
     """The CP tests' tiny fp64 model (2 layers, GQA 4/2), with a segmenter for DCW when
     seg_mode is prefix|causal; DCW's alpha starts at 0.5 so the cross-tier path counts."""
     from dcwdist.attention import AttentionConfig
     from dcwdist.model import ModelConfig, Transformer
     from dcwdist.segmentation import SegmentationConfig, build_segmenter
     torch.manual_seed(0)
-    attn = AttentionConfig(kind=kind, block_size=blk, window=6, buffer_window=12, stride=4,
-                           summary_pool=2, chunk_size=32, caa_windows=[8, 16], caa_c=4.0)
+    attn = AttentionConfig(**{**dict(kind=kind, block_size=blk, window=6, buffer_window=12,
+                                     stride=4, summary_pool=2, chunk_size=32,
+                                     caa_windows=[8, 16], caa_c=4.0), **attn_kw})
     cfg = ModelConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
     seg = None
     if seg_mode:

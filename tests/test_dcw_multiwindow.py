@@ -79,3 +79,40 @@ def test_bad_settings_fail_in_one_line():
     from dcwdist.parallel.stage import check_cp_stage
     with pytest.raises(ValueError, match="cp=1 only"):
         check_cp_stage(multi_module().cfg, 64, 2, None)
+
+
+def test_per_layer_background_windows_make_each_layer_dcw_with_its_window():
+    """window_schedule on dcw: layer l's background tier reads window_schedule[l]."""
+    q, k, v = (x.detach().double() for x in inputs(6))
+    schedule = [2, 7]
+    for layer, w in enumerate(schedule):
+        cfg = AttentionConfig(kind="dcw", window_schedule=schedule, **{**CFG, "window": 3})
+        m = build_attention(cfg, layer, H, HKV, D, n_layers=len(schedule))
+        single = build_attention(AttentionConfig(kind="dcw", **{**CFG, "window": w}), 0, H, HKV, D)
+        with torch.no_grad():
+            m.alpha.fill_(0.7)
+            single.alpha.fill_(0.7)
+        torch.testing.assert_close(m(q, k, v, ctx_for()), oracle("dcw", single, q, k, v),
+                                   atol=1e-10, rtol=1e-10)
+
+
+def check_per_layer_windows_cp(rank, world, group):
+    from tests.cp_helpers import assert_cp_equals_single, tiny_cp_model
+    from dcwdist.parallel.stage import check_cp_stage
+    from tests.test_cp_balance import BLK, T, VOCAB, forward, packed_batch
+    batch = packed_batch(7)
+    kw = dict(window_growth="linear", window=4, window_max=12)
+    ref_model = tiny_cp_model("dcw", "causal", BLK, VOCAB, **kw)
+    model = tiny_cp_model("dcw", "causal", BLK, VOCAB, **kw)
+    check_cp_stage(model.attn_cfg, T, world, model.segmenter)
+    ref, _ = forward(ref_model, batch, None, "doc", True)
+    ref.backward()
+    loss, _ = forward(model, batch, group, "doc", True)
+    loss.backward()
+    assert_cp_equals_single(loss, ref, model, ref_model, group, dict(rtol=1e-6, atol=1e-8),
+                            dict(rtol=1e-5, atol=1e-7), "dcw per-layer windows")
+
+
+def test_per_layer_background_windows_under_cp2_equal_one_process():
+    from tests.cp_helpers import spawn
+    spawn(2, [(check_per_layer_windows_cp, ())])

@@ -50,9 +50,11 @@ class AttentionConfig:
 
     # -- window family (windows.py) ------------------------------------------------------------
     window_schedule: list[int] = ()
-    """window / random_global: explicit per-layer windows, one per layer (empty: window_growth)."""
+    """window / random_global / dcw (background tier): explicit per-layer windows, one per layer
+    (empty: window_growth)."""
     window_growth: Literal["none", "linear", "geometric"] = "none"
-    """window / random_global: per-layer windows from `window` (layer 0) to `window_max` (last)."""
+    """window / random_global / dcw (background tier): per-layer windows from `window` (layer 0)
+    to `window_max` (last)."""
     window_max: int = 0
     """The last layer's window under window_growth (>= window)."""
     head_windows: list[int] = (64, 512, 4096)
@@ -110,9 +112,12 @@ class AttentionConfig:
             raise ValueError(f"attention.window_growth must be none|linear|geometric, "
                              f"got {self.window_growth!r}")
         per_layer = bool(self.window_schedule) or self.window_growth != "none"
-        if per_layer and self.kind not in ("window", "random_global"):
-            raise ValueError("attention.window_schedule / window_growth apply to kind window or "
-                             f"random_global, not {self.kind}")
+        if per_layer and self.kind not in ("window", "random_global", "dcw"):
+            raise ValueError("attention.window_schedule / window_growth apply to kind window, "
+                             f"random_global or dcw (its background tier), not {self.kind}")
+        if per_layer and self.dcw_background_windows:
+            raise ValueError("attention.dcw_background_windows and a per-layer window "
+                             "(window_schedule / window_growth) are exclusive: set one")
         if self.window_schedule and self.window_growth != "none":
             raise ValueError("attention.window_schedule and window_growth are exclusive: set one")
         if self.window_growth != "none" and self.window_max < self.window:

@@ -19,6 +19,7 @@ value is exactly 1, so outputs do not change, but dL/ds = sum over its summaries
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -143,13 +144,24 @@ class DCWAttention(nn.Module):
                              f"{len(cfg.dcw_background_windows)} windows; they must divide "
                              f"n_kv_heads={n_kv_heads}")
 
+    def layer_cfg(self) -> AttentionConfig:
+        """This layer's settings: the background window of a per-layer schedule or growth rule
+        (attention.window_schedule / window_growth), else the shared config."""
+        cfg = self.cfg
+        if not cfg.window_schedule and cfg.window_growth == "none":
+            return cfg
+        from dcwdist.attention.windows import layer_window
+        w = layer_window(cfg, self.layer_idx, getattr(self, "n_layers", None))
+        return dataclasses.replace(cfg, window=w, window_schedule=[], window_growth="none")
+
     def forward(self, q_BTHD, k_BTKD, v_BTKD, ctx: AttnContext):
+        cfg = self.layer_cfg()
         if ctx.group is not None:  # context parallel: this rank's shard (parallel/balance.py)
-            if self.cfg.dcw_background_windows:
+            if cfg.dcw_background_windows:
                 raise ValueError("attention.dcw_background_windows runs at cp=1 only")
             from dcwdist.parallel.dcw_cp import dcw_cp_attention
-            return dcw_cp_attention(self, q_BTHD, k_BTKD, v_BTKD, ctx)
-        cfg, plan = self.cfg, dcw_plan(self.cfg, ctx)
+            return dcw_cp_attention(self, q_BTHD, k_BTKD, v_BTKD, ctx, cfg)
+        plan = dcw_plan(cfg, ctx)
         run = lambda q, k, v, lay: attend_layout(q, k, v, lay, None, cfg.impl, cfg.chunk_size)  # noqa: E731
         bi = torch.arange(q_BTHD.shape[0], device=q_BTHD.device)[:, None]
         k_s, v_s = k_BTKD[bi, plan.strided_idx], v_BTKD[bi, plan.strided_idx]

@@ -213,9 +213,10 @@ def core_attention(p: dict, shard: CPShard, q_BTHD, k_BTKD, v_BTKD, cfg, choice:
                            cfg.chunk_size)
 
 
-def dcw_cp_attention(module, q_BTHD, k_BTKD, v_BTKD, ctx) -> torch.Tensor:
-    """DCWAttention.forward for this rank's shard (ctx.group set)."""
-    cfg, shard = module.cfg, ctx.cache["cp_shard"]
+def dcw_cp_attention(module, q_BTHD, k_BTKD, v_BTKD, ctx, cfg=None) -> torch.Tensor:
+    """DCWAttention.forward for this rank's shard (ctx.group set); cfg: the layer's own settings
+    (per-layer background window), default module.cfg."""
+    cfg, shard = cfg or module.cfg, ctx.cache["cp_shard"]
     p = dcw_cp_plan(cfg, ctx)
     blk, pool = cfg.block_size, cfg.summary_pool
     run = lambda q, k, v, lay: attend_layout(q, k, v, lay, None, cfg.impl, cfg.chunk_size)  # noqa: E731
