@@ -32,6 +32,31 @@ def _load_tile(ptrs, tile, VALID: tl.constexpr, PAD: tl.constexpr):
 
 
 @triton.jit
+def _tok_meta(pos_base, doc_base, start, tile, ok, PAD_DOC: tl.constexpr,
+              HAS_DOC: tl.constexpr):
+    """(positions, doc ids) of the tile's tokens from `start`; doc ids = positions without
+    documents (unused then); masked-out lanes get doc PAD_DOC."""
+    pos = tl.load(pos_base + start + tile, mask=ok, other=0)
+    doc = pos
+    if HAS_DOC:
+        doc = tl.load(doc_base + start + tile, mask=ok, other=PAD_DOC)
+    return pos, doc
+
+
+@triton.jit
+def _query_tile(pid, row_order, NQ, G, HPG, KV_RATIO, Q_BLOCK: tl.constexpr,
+                BLOCK_M: tl.constexpr, SUB_M: tl.constexpr):
+    """Program -> (CSR row, batch, query head, kv head, first query token of its tile)."""
+    t = pid // HPG
+    r = tl.load(row_order + t // SUB_M)
+    bg = r // NQ
+    b64 = (bg // G).to(tl.int64)
+    h = (bg % G) * HPG + pid % HPG
+    m_start = (r % NQ) * Q_BLOCK + (t % SUB_M) * BLOCK_M
+    return r, b64, h, h // KV_RATIO, m_start
+
+
+@triton.jit
 def _allowed(q_pos, k_pos, q_doc, k_doc, lo, hi, HAS_DOC: tl.constexpr,
              KEYS_ON_ROWS: tl.constexpr):
     """Token mask of one tile: [M, N], or [N, M] with KEYS_ON_ROWS."""
@@ -65,11 +90,8 @@ def _fwd_inner(acc, m_i, l_i, q, qp, qd, k_base, v_base, kpos_base, kdoc_base, e
         if PAD_N:
             s = tl.where((tile_n < K_BLOCK)[None, :], s, float("-inf"))
         if MASKED:
-            col_ok = tile_n < K_BLOCK
-            kp = tl.load(kpos_base + n_start + tile_n, mask=col_ok, other=0)
-            kd = kp
-            if HAS_DOC:
-                kd = tl.load(kdoc_base + n_start + tile_n, mask=col_ok, other=-1)
+            kp, kd = _tok_meta(kpos_base, kdoc_base, n_start, tile_n, tile_n < K_BLOCK, -1,
+                               HAS_DOC)
             ok = _allowed(qp, kp, qd, kd, tl.load(ent_lo + e), tl.load(ent_hi + e), HAS_DOC,
                           False)
             s = tl.where(ok, s, float("-inf"))
@@ -98,23 +120,14 @@ def _fwd_kernel(Q, K, V, O, LSE, row_order, indptr, split, ent_blk, ent_lo, ent_
     SUB_N: tl.constexpr = K_BLOCK // BLOCK_N if K_BLOCK >= BLOCK_N else 1
     PAD_M: tl.constexpr = Q_BLOCK < BLOCK_M
     PAD_N: tl.constexpr = K_BLOCK < BLOCK_N
-    pid = tl.program_id(0)
-    t = pid // HPG
-    r = tl.load(row_order + t // SUB_M)
-    bg = r // NQ
-    b64 = (bg // G).to(tl.int64)
-    h = (bg % G) * HPG + pid % HPG
-    hk = h // KV_RATIO
+    r, b64, h, hk, m_start = _query_tile(tl.program_id(0), row_order, NQ, G, HPG, KV_RATIO,
+                                         Q_BLOCK, BLOCK_M, SUB_M)
     tile_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    m_start = (r % NQ) * Q_BLOCK + (t % SUB_M) * BLOCK_M
     row_ok = tile_m < Q_BLOCK
     q = _load_tile(_tile_ptrs(Q + b64 * s_qb + h * s_qh, m_start, s_qt, tile_m, offs_d), tile_m,
                    Q_BLOCK, PAD_M)
-    qp = tl.load(q_pos + b64 * Tq + m_start + tile_m, mask=row_ok, other=0)
-    qd = qp
-    if HAS_DOC:
-        qd = tl.load(q_doc + b64 * Tq + m_start + tile_m, mask=row_ok, other=-2)
+    qp, qd = _tok_meta(q_pos + b64 * Tq, q_doc + b64 * Tq, m_start, tile_m, row_ok, -2, HAS_DOC)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -185,11 +198,8 @@ def _dq_inner(dq, q, do, lse2, delta, qp, qd, k_base, v_base, kpos_base, kdoc_ba
         if PAD_N:
             p = tl.where((tile_n < K_BLOCK)[None, :], p, 0.0)
         if MASKED:
-            col_ok = tile_n < K_BLOCK
-            kp = tl.load(kpos_base + n_start + tile_n, mask=col_ok, other=0)
-            kd = kp
-            if HAS_DOC:
-                kd = tl.load(kdoc_base + n_start + tile_n, mask=col_ok, other=-1)
+            kp, kd = _tok_meta(kpos_base, kdoc_base, n_start, tile_n, tile_n < K_BLOCK, -1,
+                               HAS_DOC)
             ok = _allowed(qp, kp, qd, kd, tl.load(ent_lo + e), tl.load(ent_hi + e), HAS_DOC,
                           False)
             p = tl.where(ok, p, 0.0)
@@ -212,16 +222,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, row_order, indptr, split, ent_bl
     SUB_N: tl.constexpr = K_BLOCK // BLOCK_N if K_BLOCK >= BLOCK_N else 1
     PAD_M: tl.constexpr = Q_BLOCK < BLOCK_M
     PAD_N: tl.constexpr = K_BLOCK < BLOCK_N
-    pid = tl.program_id(0)
-    t = pid // HPG
-    r = tl.load(row_order + t // SUB_M)
-    bg = r // NQ
-    b64 = (bg // G).to(tl.int64)
-    h = (bg % G) * HPG + pid % HPG
-    hk = h // KV_RATIO
+    r, b64, h, hk, m_start = _query_tile(tl.program_id(0), row_order, NQ, G, HPG, KV_RATIO,
+                                         Q_BLOCK, BLOCK_M, SUB_M)
     tile_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    m_start = (r % NQ) * Q_BLOCK + (t % SUB_M) * BLOCK_M
     row_ok = tile_m < Q_BLOCK
     q = _load_tile(_tile_ptrs(Q + b64 * s_qb + h * s_qh, m_start, s_qt, tile_m, offs_d), tile_m,
                    Q_BLOCK, PAD_M)
@@ -231,10 +235,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, row_order, indptr, split, ent_bl
     lse = tl.load(LSE + row + tile_m, mask=row_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # empty rows: P = 0
     delta = tl.load(DELTA + row + tile_m, mask=row_ok, other=0.0)
-    qp = tl.load(q_pos + b64 * Tq + m_start + tile_m, mask=row_ok, other=0)
-    qd = qp
-    if HAS_DOC:
-        qd = tl.load(q_doc + b64 * Tq + m_start + tile_m, mask=row_ok, other=-2)
+    qp, qd = _tok_meta(q_pos + b64 * Tq, q_doc + b64 * Tq, m_start, tile_m, row_ok, -2, HAS_DOC)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     start = tl.load(indptr + r)
@@ -288,11 +289,8 @@ def _dkdv_inner(dk, dv, k, v, kp, kd, q_base, do_base, lse_base, delta_base, qpo
         if PAD_N:
             p_t = tl.where((tile_n < K_BLOCK)[:, None], p_t, 0.0)
         if MASKED:
-            row_ok = tile_m < Q_BLOCK
-            qp = tl.load(qpos_base + m_start + tile_m, mask=row_ok, other=0)
-            qd = qp
-            if HAS_DOC:
-                qd = tl.load(qdoc_base + m_start + tile_m, mask=row_ok, other=-2)
+            qp, qd = _tok_meta(qpos_base, qdoc_base, m_start, tile_m, tile_m < Q_BLOCK, -2,
+                               HAS_DOC)
             ok = _allowed(qp, kp, qd, kd, tl.load(ent_lo + e), tl.load(ent_hi + e), HAS_DOC,
                           True)
             p_t = tl.where(ok, p_t, 0.0)
@@ -343,10 +341,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQACC, LSE, DELTA, col_order, indptr, 
                    K_BLOCK, PAD_N)
     v = _load_tile(_tile_ptrs(V + b64 * s_vb + hk * s_vh, n_start, s_vt, tile_n, offs_d), tile_n,
                    K_BLOCK, PAD_N)
-    kp = tl.load(k_pos + b64 * Tk + n_start + tile_n, mask=col_ok, other=0)
-    kd = kp
-    if HAS_DOC:
-        kd = tl.load(k_doc + b64 * Tk + n_start + tile_n, mask=col_ok, other=-1)
+    kp, kd = _tok_meta(k_pos + b64 * Tk, k_doc + b64 * Tk, n_start, tile_n, col_ok, -1, HAS_DOC)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
