@@ -89,3 +89,21 @@ def assert_cp_equals_single(loss, ref_loss, model, ref_model, group, loss_tol: d
         dist.all_reduce(g, group=group)
         torch.testing.assert_close(g, p_ref.grad, **grad_tol,
                                    msg=lambda m: f"{label} grad {name}: {m}")
+
+
+def doc_batch(doc, roles, vocab: int, g, answer_only: bool):
+    """A Batch over rows of doc ids [B, T] (-1 padding) and roles: random tokens, positions from
+    each document's start, next-token labels inside documents (only onto answer tokens when
+    answer_only) and random relevance labels."""
+    from dcwdist.attention.layouts import doc_position
+    from dcwdist.attention.context import ROLE_ANSWER
+    from dcwdist.data_pipelines.packing import IGNORE, Batch
+    B, T = doc.shape
+    tokens = torch.randint(0, vocab, (B, T), generator=g)
+    labels = torch.full_like(tokens, IGNORE)
+    same = (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0)
+    if answer_only:
+        same &= roles[:, 1:] == ROLE_ANSWER
+    labels[:, :-1] = torch.where(same, tokens[:, 1:], IGNORE)
+    relevance = (torch.rand(B, T, generator=g) > 0.7).double() * (doc >= 0)
+    return Batch(tokens, labels, doc_position(doc), doc, roles, relevance)

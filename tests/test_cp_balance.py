@@ -21,7 +21,7 @@ import torch.distributed as dist
 from dcwdist.attention import AttentionConfig, AttnContext
 from dcwdist.attention.context import ROLE_ANSWER, ROLE_DOCUMENT, ROLE_INSTRUCTION, ROLE_PAD
 from dcwdist.attention.layouts import ROW_CAUSAL, ROW_WINDOW, local_layout, topk_layout
-from dcwdist.data_pipelines.packing import IGNORE, Batch
+from dcwdist.data_pipelines.packing import Batch
 from dcwdist.parallel.balance import (block_work, load_spread, make_sharding, rank_loads,
                                       rank_pairs, zigzag_sharding)
 from dcwdist.parallel.dcw_cp import select_rows, split_by_source
@@ -29,7 +29,8 @@ from dcwdist.parallel.ring import dense_step_layouts
 from dcwdist.parallel.stage import check_cp_stage
 from dcwdist.parallel.zigzag import CPShard, cp_context
 from tests.conftest import REPO
-from tests.cp_helpers import assert_cp_equals_single, gather_full, spawn, tiny_cp_model
+from tests.cp_helpers import (assert_cp_equals_single, doc_batch, gather_full, spawn,
+                              tiny_cp_model)
 from tests.test_cp_attention import packed_docs
 
 
@@ -145,9 +146,6 @@ def packed_batch(seed: int, prefix: bool = False) -> Batch:
         for d, n in enumerate(lens):
             doc[b, t:t + n] = d
             t += -(-n // BLK) * BLK
-    pos = torch.zeros_like(doc)
-    for t in range(1, T):
-        pos[:, t] = torch.where(doc[:, t] == doc[:, t - 1], pos[:, t - 1] + 1, 0)
     roles = torch.where(doc >= 0, ROLE_DOCUMENT, ROLE_PAD)
     if prefix:
         for b in range(2):
@@ -156,14 +154,7 @@ def packed_batch(seed: int, prefix: bool = False) -> Batch:
                 if d >= 0 and idx.numel() >= 9:
                     roles[b, idx[:2]] = ROLE_INSTRUCTION
                     roles[b, idx[-3:]] = ROLE_ANSWER
-    tokens = torch.randint(0, VOCAB, (2, T), generator=g)
-    labels = torch.full_like(tokens, IGNORE)
-    same = (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0)
-    if prefix:
-        same &= roles[:, 1:] == ROLE_ANSWER
-    labels[:, :-1] = torch.where(same, tokens[:, 1:], IGNORE)
-    relevance = (torch.rand(2, T, generator=g) > 0.7).double() * (doc >= 0)
-    return Batch(tokens, labels, pos, doc, roles, relevance)
+    return doc_batch(doc, roles, VOCAB, g, prefix)
 
 
 def make_model(kind: str, seg_mode: str = ""):

@@ -6,11 +6,12 @@ import torch.distributed as dist
 
 from dcwdist.attention import AttentionConfig, AttnContext
 from dcwdist.attention.context import ROLE_ANSWER, ROLE_DOCUMENT, ROLE_INSTRUCTION, ROLE_PAD
-from dcwdist.data_pipelines.packing import IGNORE, Batch
+from dcwdist.data_pipelines.packing import Batch
 from dcwdist.parallel.dims import ParallelDims, ParallelLayoutError
 from dcwdist.parallel.stage import check_cp_stage
 from dcwdist.parallel.zigzag import cp_context
-from tests.cp_helpers import assert_cp_equals_single, gather_full, spawn, tiny_cp_model
+from tests.cp_helpers import (assert_cp_equals_single, doc_batch, gather_full, spawn,
+                              tiny_cp_model)
 
 T, BLK, VOCAB = 128, 8, 64
 
@@ -21,29 +22,17 @@ def make_model(kind: str, seg_mode: str = ""):
 
 def make_batch(prefix: bool = False) -> Batch:
     """Row 0: one document; row 1: two block-aligned documents and padding."""
-    g = torch.Generator().manual_seed(5)
-    tokens = torch.randint(0, VOCAB, (2, T), generator=g)
     doc = torch.zeros(2, T, dtype=torch.long)
     doc[1, 48:100] = 1
     doc[1, 44:48] = -1
     doc[1, 100:] = -1
-    pos = torch.zeros_like(doc)
-    for b in range(2):
-        for t in range(1, T):
-            pos[b, t] = 0 if doc[b, t] != doc[b, t - 1] else pos[b, t - 1] + 1
     roles = torch.where(doc >= 0, ROLE_DOCUMENT, ROLE_PAD)
     if prefix:
         for b, d in ((0, 0), (1, 0), (1, 1)):
             idx = (doc[b] == d).nonzero().squeeze(1)
             roles[b, idx[:5]] = ROLE_INSTRUCTION
             roles[b, idx[-6:]] = ROLE_ANSWER
-    labels = torch.full_like(tokens, IGNORE)
-    same = (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0)
-    if prefix:
-        same &= roles[:, 1:] == ROLE_ANSWER
-    labels[:, :-1] = torch.where(same, tokens[:, 1:], IGNORE)
-    relevance = (torch.rand(2, T, generator=g) > 0.7).double() * (doc >= 0)
-    return Batch(tokens, labels, pos, doc, roles, relevance)
+    return doc_batch(doc, roles, VOCAB, torch.Generator().manual_seed(5), prefix)
 
 
 def given_tiers(batch: Batch) -> torch.Tensor:
