@@ -56,6 +56,12 @@ class DCWPlan:
     """[B, NB] the tiers the plan was built from."""
 
 
+def local_rows(tiers_BN: torch.Tensor) -> torch.Tensor:
+    """What each query block reads in the `local` layout: core its prefix, background a window."""
+    return torch.where(tiers_BN == TIER_CORE, ROW_CAUSAL,
+                       torch.where(tiers_BN == TIER_BACKGROUND, ROW_WINDOW, ROW_NONE))
+
+
 def build_dcw_plan(cfg: AttentionConfig, doc_BT: torch.Tensor, tiers_BN: torch.Tensor) -> DCWPlan:
     blk = cfg.block_size
     NB = -(-doc_BT.shape[1] // blk)
@@ -63,9 +69,7 @@ def build_dcw_plan(cfg: AttentionConfig, doc_BT: torch.Tensor, tiers_BN: torch.T
         raise ValueError(f"ctx.tiers must be [B, T / block_size] = {(doc_BT.shape[0], NB)}, "
                          f"got {tuple(tiers_BN.shape)}")
     core, buffer = tiers_BN == TIER_CORE, tiers_BN == TIER_BUFFER
-    background = tiers_BN == TIER_BACKGROUND
-    row_kind = torch.where(core, ROW_CAUSAL, torch.where(background, ROW_WINDOW, ROW_NONE))
-    local = local_layout(doc_BT, blk, row_kind, cfg.window)
+    local = local_layout(doc_BT, blk, local_rows(tiers_BN), cfg.window)
     buf = local_layout(doc_BT, blk, torch.where(buffer, ROW_WINDOW, ROW_NONE), cfg.buffer_window)
     doc = pad_doc(doc_BT, blk)
     strided_sel = doc_position(doc) % cfg.stride == 0
@@ -79,13 +83,15 @@ def dcw_plan(cfg: AttentionConfig, ctx: AttnContext) -> DCWPlan:
     if ctx.tiers is None:
         raise ValueError("attention.kind='dcw' needs ctx.tiers ([B, T / block_size] TIER_* per "
                          "block, from the scorer); got ctx.tiers=None")
-    key = ("dcw_plan", cfg.block_size, cfg.window, cfg.buffer_window, cfg.stride,
-           cfg.summary_pool)
-    plan = ctx.cache.get(key)
-    if plan is None or plan.tiers is not ctx.tiers:
-        plan = build_dcw_plan(cfg, ctx.doc_ids, ctx.tiers)
-        ctx.cache[key] = plan
-    return plan
+    key = ("dcw_plan", cfg.block_size, cfg.buffer_window, cfg.stride, cfg.summary_pool)
+    plans = ctx.cache.get(key)
+    if plans is None or next(iter(plans.values())).tiers is not ctx.tiers:
+        plans = ctx.cache[key] = {cfg.window: build_dcw_plan(cfg, ctx.doc_ids, ctx.tiers)}
+    if cfg.window not in plans:  # per-layer windows: only the `local` layout differs
+        plan = next(iter(plans.values()))
+        plans[cfg.window] = dataclasses.replace(plan, local=local_layout(
+            ctx.doc_ids, cfg.block_size, local_rows(ctx.tiers), cfg.window))
+    return plans[cfg.window]
 
 
 def pool_summaries(x_BTKD: torch.Tensor, doc_BT: torch.Tensor, core_idx: torch.Tensor,
@@ -108,11 +114,9 @@ def background_layouts(cfg: AttentionConfig, ctx: AttnContext, plan: DCWPlan) ->
     key = ("dcw_background", cfg.block_size, tuple(cfg.dcw_background_windows))
     hit = ctx.cache.get(key)
     if hit is None or hit[0] is not plan.tiers:
-        t = plan.tiers
-        row_kind = torch.where(t == TIER_CORE, ROW_CAUSAL,
-                               torch.where(t == TIER_BACKGROUND, ROW_WINDOW, ROW_NONE))
-        hit = (t, [local_layout(ctx.doc_ids, cfg.block_size, row_kind, w)
-                   for w in cfg.dcw_background_windows])
+        rows = local_rows(plan.tiers)
+        hit = (plan.tiers, [local_layout(ctx.doc_ids, cfg.block_size, rows, w)
+                            for w in cfg.dcw_background_windows])
         ctx.cache[key] = hit
     return hit[1]
 

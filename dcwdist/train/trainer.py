@@ -236,10 +236,11 @@ class Trainer:
                 loss = loss + value * share
             for key, value in ctx.cache.get("metrics", {}).items():
                 metrics[key] = metrics.get(key, 0.0) + float(value) * micro.tokens.shape[0] / cp
-            if not self._check_finite(loss.detach().cpu(), stage, "loss"):
+            loss_host = loss.detach().cpu()  # one device sync per micro-batch
+            if not self._check_finite(loss_host, stage, "loss"):
                 skipped = True  # every rank leaves the loop at the same micro-batch
                 break
-            objective += float(loss.detach())
+            objective += float(loss_host)
             self.backend.backward(loss)
         if skipped:
             self.backend.drop_step()
