@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dcwdist.configtree import ConfigError
@@ -265,6 +266,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("dcwdist: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `dcwdist tb RUN | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
