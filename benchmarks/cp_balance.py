@@ -86,11 +86,10 @@ def kind_case(kind: str, doc: torch.Tensor, blk: int, g: torch.Generator, n_kv: 
     tiers = (prefix_tiers(scores, info, 0.2, 0.3) if mode == "prefix" else
              causal_tiers(scores, info, 0.2, 0.3, 0.5, 0.2, 1.0))
     plan = build_dcw_plan(cfg, doc, tiers)
-    per = blk // cfg.summary_pool
     return cfg, tiers, [plan.local, plan.buffer, plan.strided, plan.summary], lambda sh: (
         [(lay, blk * blk) for full in (plan.local, plan.buffer)
          for lay in split_by_source(full, sh)]
-        + [(select_rows(plan.strided, sh), blk * blk), (select_rows(plan.summary, sh), blk * per)])
+        + [(select_rows(plan.strided, sh), blk * blk), (select_rows(plan.summary, sh), blk * plan.summary.k_block)])
 
 
 def rank_tiles(local_layouts, doc: torch.Tensor, sharding) -> torch.Tensor:

@@ -6,14 +6,18 @@
 Per recipe: `dcwdist train RECIPE --run-dir OUT/runs/NAME [overrides]`, then `dcwdist eval
 OUT/runs/NAME --suite needle,kv,qa,ppl,speed ...` (its results in OUT/runs/NAME/eval_suite),
 logs in OUT/runs/NAME.log; up to --parallel jobs share the device (small models leave most of
-an H100 idle). A job not started before --budget-s is skipped and listed. At the end one JSON
-line per run (wall seconds, exit codes) and `dcwdist report` over the finished runs (OUT/report).
+an H100 idle). A job not started before --budget-s is skipped and listed; a job still running
+at --stop-after-s is terminated (its TensorBoard logs keep the stages it finished). --seeds 0,1,2
+runs every recipe once per seed as NAME_s<seed>. At the end one JSON line per run (wall seconds,
+exit codes) and `dcwdist report` over every run that wrote its config (OUT/report), with a
+mean ± std table per recipe when there are several seeds.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,21 +39,30 @@ def main(argv=None) -> int:
     p.add_argument("--eval-args", default="--suite needle,kv,qa,ppl,speed --lengths 2k,8k "
                    "--samples 2 --qa-samples 16", help="arguments of `dcwdist eval`")
     p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--stop-after-s", type=float, default=0,
+                   help="terminate jobs still running after this (0: never)")
+    p.add_argument("--seeds", default="", help="comma list: each recipe once per seed "
+                   "(run NAME_s<seed>, override seed=<seed>); default: the recipe's seed")
     args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     runs_dir = os.path.join(args.out, "runs")
     os.makedirs(runs_dir, exist_ok=True)
     py = [sys.executable, "-m", "dcwdist.cli"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    pending = list(args.recipes)
+    # jobs: (recipe, seed or None); seeds interleave so a cut budget drops whole seeds last
+    pending = ([(r, s) for s in seeds for r in args.recipes] if seeds
+               else [(r, None) for r in args.recipes])
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
     done, skipped = [], []
     t0 = time.perf_counter()
 
-    def start(recipe: str):
-        name = job_name(recipe)
+    def start(job):
+        recipe, seed = job
+        name = job_name(recipe) + ("" if seed is None else f"_s{seed}")
         run_dir = os.path.join(runs_dir, name)
-        train = py + ["train", recipe, *args.override, "--run-dir", run_dir]
+        extra = [] if seed is None else [f"seed={seed}"]
+        train = py + ["train", recipe, *args.override, *extra, "--run-dir", run_dir]
         cmd = " ".join(train)
         if not args.no_eval:
             ev = py + ["eval", run_dir, *args.eval_args.split(), "--no-progress"]
@@ -57,19 +70,27 @@ def main(argv=None) -> int:
         log = open(os.path.join(runs_dir, name + ".log"), "w")
         log.write(f"$ {cmd}\n")
         log.flush()
+        # own process group: --stop-after-s stops the shell and the train / eval under it
         proc = subprocess.Popen(cmd, shell=True, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=REPO)
+                                cwd=REPO, start_new_session=True)
         running[name] = (proc, time.perf_counter(), log)
         print(f"[{time.perf_counter() - t0:6.0f}s] start {name}", flush=True)
 
     while pending or running:
         while pending and len(running) < args.parallel:
-            if args.budget_s and time.perf_counter() - t0 > args.budget_s:
-                skipped += [job_name(r) for r in pending]
+            if (args.budget_s and time.perf_counter() - t0 > args.budget_s) or (
+                    args.stop_after_s and time.perf_counter() - t0 > args.stop_after_s):
+                skipped += [job_name(r) + ("" if s is None else f"_s{s}") for r, s in pending]
                 pending.clear()
                 break
             start(pending.pop(0))
+        late = args.stop_after_s and time.perf_counter() - t0 > args.stop_after_s
         for name, (proc, ts, log) in list(running.items()):
+            if late and proc.poll() is None:
+                print(f"[{time.perf_counter() - t0:6.0f}s] stop {name} (--stop-after-s)",
+                      flush=True)
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()
             if proc.poll() is not None:
                 log.close()
                 row = {"run": name, "rc": proc.returncode,
@@ -80,7 +101,8 @@ def main(argv=None) -> int:
         time.sleep(1.0)
     if skipped:
         print(json.dumps({"skipped_for_budget": skipped}), flush=True)
-    ok = [os.path.join(runs_dir, r["run"]) for r in done if r["rc"] == 0]
+    ok = [os.path.join(runs_dir, r["run"]) for r in done
+          if os.path.exists(os.path.join(runs_dir, r["run"], "config.yaml"))]
     if ok:
         from dcwdist.eval.report import build_report
         build_report(ok, os.path.join(args.out, "report"), "Quality study")

@@ -58,6 +58,19 @@ def test_a_reused_run_dir_reports_only_its_own_stage_lengths(runs, tmp_path):
     assert sorted(run_summary(d)["val_loss"]) == [256, 1024]
 
 
+def test_seeds_of_one_recipe_aggregate_into_one_row_with_mean_and_std(runs, tmp_path):
+    d = str(tmp_path / "dense_s1")
+    _cli("train", *TRAIN, "attention.kind=dense", "seed=1", "--run-dir", d)
+    out = str(tmp_path / "rep")
+    _cli("report", runs["dense"], d, runs["oracle"], "--out", out)
+    data = json.load(open(os.path.join(out, "report.json")))
+    by = {r["attention"]: r for r in data["seed_rows"]}
+    assert len(by) == 2 and by["dense"]["seeds"] == "0,1" and by["dcw (oracle)"]["seeds"] == "0"
+    a = [r["val_answer_loss"]["512"] for r in data["runs"] if r["kind"] == "dense"]
+    assert by["dense"]["answer loss 512"].startswith(f"{sum(a) / 2:.3f} ± ")
+    assert "Over seeds" in open(os.path.join(out, "report.md")).read()
+
+
 def test_report_names_a_missing_run_dir(tmp_path):
     import subprocess
     import sys

@@ -64,7 +64,7 @@ def run_summary(run_dir: str) -> dict:
     if kind == "dcw":
         label += " (oracle)" if seg.get("scorer") == "oracle" else " (learned)"
     out = {"run": os.path.basename(os.path.normpath(run_dir)), "name": cfg["name"],
-           "kind": kind, "label": label, "run_dir": run_dir,
+           "seed": cfg.get("seed"), "kind": kind, "label": label, "run_dir": run_dir,
            "tiers": (f"{100 * seg['core_ratio']:.0f}/{100 * seg['buffer_ratio']:.0f}/"
                      f"{100 * (1 - seg['core_ratio'] - seg['buffer_ratio']):.0f}"
                      if kind == "dcw" else ""),
@@ -97,6 +97,7 @@ def run_summary(run_dir: str) -> dict:
     qa = res.get("qa", [])
     for key in ("em", "f1", "rouge_l", "hallucination_rate"):
         out[f"qa_{key}"] = _mean([r[key] for r in qa]) if qa else None
+    out["qa_em_by_length"] = {r["length"]: r["em"] for r in qa}
     speed = res.get("speed", [])
     out["attn_density"] = {r["length"]: r["density"] for r in speed}
     out["prefill_tok_s"] = {r["length"]: r["prefill_tok_s"] for r in speed}
@@ -123,8 +124,8 @@ def report_rows(runs: list[dict]) -> list[dict]:
                "instr.": r["specificity"]}
         for n in lengths:
             row[f"val loss {_len(n)}"] = _fmt(r["val_loss"].get(n), 3)
-        if lengths:
-            row[f"answer loss {_len(lengths[-1])}"] = _fmt(r["val_answer_loss"].get(lengths[-1]), 3)
+        for n in lengths:
+            row[f"answer loss {_len(n)}"] = _fmt(r["val_answer_loss"].get(n), 3)
         row["needle %"] = _fmt(r["needle"])
         row["kv %"] = _fmt(r["kv"])
         row["QA EM"] = _fmt(r["qa_em"])
@@ -137,6 +138,54 @@ def report_rows(runs: list[dict]) -> list[dict]:
         row["train tok/s"] = _fmt(r["tokens_per_s"], 0)
         rows.append(row)
     return rows
+
+
+def _spread(values: list) -> str:
+    """'mean ± std (n)' of the values that exist; '–' when none."""
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    if not v:
+        return "–"
+    m = sum(v) / len(v)
+    if len(v) == 1:
+        return f"{m:.3f}"
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+    return f"{m:.3f} ± {sd:.3f}"
+
+
+def seed_rows(runs: list[dict]) -> list[dict]:
+    """One row per recipe (config name and what the report shows of its settings) over its seeds: answer loss at each stage's end and QA
+    exact match at each eval length as mean ± sample std, and how many seeds retrieve (answer
+    loss below RETRIEVES at the last stage). Recipes with a single run are listed too."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        key = (r["name"], r["label"], r["tiers"], r["summary_pool"], r["lambda_eff"],
+               r["specificity"])
+        groups.setdefault(key, []).append(r)
+    lengths = sorted({n for r in runs for n in r["val_answer_loss"]})
+    qa_lengths = sorted({n for r in runs for n in r.get("qa_em_by_length", {})})
+    dens_len = max((n for r in runs for n in r["attn_density"]), default=None)
+    rows = []
+    for (name, *_), rs in groups.items():
+        row = {"recipe": name, "attention": rs[0]["label"],
+               "seeds": ",".join(str(r["seed"]) for r in rs)}
+        for n in lengths:
+            row[f"answer loss {_len(n)}"] = _spread([r["val_answer_loss"].get(n) for r in rs])
+        if lengths:
+            last = [r["val_answer_loss"].get(lengths[-1]) for r in rs]
+            row[f"retrieving @{_len(lengths[-1])}"] = (
+                f"{sum(1 for v in last if v is not None and v < RETRIEVES)}/{len(rs)}")
+        for n in qa_lengths:
+            row[f"QA EM {_len(n)}"] = _spread([r.get("qa_em_by_length", {}).get(n) for r in rs])
+        if dens_len is not None:
+            row[f"attn FLOPs % dense @{_len(dens_len)}"] = _fmt(_mean(
+                [100 * r["attn_density"][dens_len] for r in rs if dens_len in r["attn_density"]]))
+        rows.append(row)
+    return rows
+
+
+RETRIEVES = 1.2
+"""Answer loss (nats/token) under which a run counts as retrieving: chance on the synthetic
+key-section answers is ~1.52 (4 uniform digits + space + <eos>)."""
 
 
 def _plots(runs: list[dict], out_dir: str) -> list[str]:
@@ -192,6 +241,9 @@ def build_report(run_dirs: list[str], out_dir: str, title: str = "dcwdist report
     rows = report_rows(runs)
     plots = _plots(runs, out_dir)
     lines = [f"# {title}", "", format_table(rows), ""]
+    by_seed = seed_rows(runs)
+    if len(by_seed) < len(runs):  # some recipe ran with several seeds
+        lines += ["## Over seeds (mean ± sample std)", "", format_table(by_seed), ""]
     lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     heat = []
     for r in runs:
@@ -206,5 +258,5 @@ def build_report(run_dirs: list[str], out_dir: str, title: str = "dcwdist report
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(md)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump({"rows": rows, "runs": runs}, f, indent=1, default=str)
+        json.dump({"rows": rows, "seed_rows": by_seed, "runs": runs}, f, indent=1, default=str)
     return md
