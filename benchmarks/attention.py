@@ -21,6 +21,9 @@ of a fwd+bwd. Defaults: H=16, D=128, bf16, B=1, one document, causal. Impls:
                              compact set, MODE_FAR), background 50% window --window; three
                              kernel calls merged by LSE
   dcwdist_dcw_xtier          the same + the cross-tier residual over core summaries (--pool)
+  dcwdist_dcw_layer          the model's DCWAttention module at cp=1 (what dcwdist_dcw_xtier
+                             computes, as the model runs it: core / background / buffer /
+                             strided in one launch over the merged layout, then the summaries)
   flex_dcw                   FlexAttention on the exact DCW pattern (mask_mod, compiled mask)
   dcwdist_*_atomic           the same with deterministic=False: dQ added with fp32 atomics
                              inside the dK/dV pass instead of a separate dQ pass
@@ -71,6 +74,7 @@ Flags besides the shape (--lengths, --heads, --head-dim, --block):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -97,7 +101,8 @@ map_packages()
 from triton.testing import do_bench  # noqa: E402
 
 from dcwdist.attention import AttentionConfig  # noqa: E402
-from dcwdist.attention.dcw import build_dcw_plan, pool_summaries  # noqa: E402
+from dcwdist.attention.context import AttnContext  # noqa: E402
+from dcwdist.attention.dcw import DCWAttention, build_dcw_plan, pool_summaries  # noqa: E402
 from dcwdist.attention.executor import merge_partials  # noqa: E402
 from dcwdist.attention.layouts import local_layout  # noqa: E402
 from dcwdist.kernels import _block_sparse_plan  # noqa: E402
@@ -190,6 +195,11 @@ def make_dcwdist(T, blk, kind, dev, pat: Pattern):
     plan = build_dcw_plan(cfg, doc, tiers)
     bi = torch.zeros(1, 1, dtype=torch.long, device=dev)
     work = tiles(plan.local) + tiles(plan.buffer) + tiles(plan.strided)
+    if kind == "dcw_layer":  # the model's DCW layer as it runs at cp=1 (fused launch + summary)
+        layer = DCWAttention(dataclasses.replace(cfg, impl="triton"), 0, 0, 0, 0).to(dev)
+        layer.alpha.data.fill_(0.5)
+        ctx = AttnContext(doc_ids=doc, positions=torch.arange(T, device=dev)[None], tiers=tiers)
+        return (lambda q, k, v: layer(q, k, v, ctx)), work + tiles(plan.summary), {}
 
     def local(q, k, v):
         k_s, v_s = k[bi, plan.strided_idx], v[bi, plan.strided_idx]

@@ -158,6 +158,12 @@ PLANS = {
              + [("qwen2_100m", "dcwdist_dcw_zero1", L) for L in (1024 * K, 2048 * K)]
              + [("llama3.2_1b", "dcwdist_dcw_zero1", L)
                 for L in (128 * K, 256 * K, 512 * K, 1024 * K)]),
+    # after the summary-layout and fused-launch changes: DCW through ZeRO-1 at the points the
+    # strong baseline was measured (train_step_liger_h100.jsonl), 128k first
+    "dcw_v2": ([("qwen2_100m", "dcwdist_dcw_zero1", 128 * K),
+                ("llama3.2_1b", "dcwdist_dcw_zero1", 128 * K),
+                ("profile", "dcwdist_dcw_zero1", 128 * K),
+                ("qwen2_100m", "dcwdist_dcw_zero1", 512 * K)]),
     # --smoke (CPU): every impl once at tiny shapes
     "smoke": [("tiny", i, 256) for i in ("hf_sdpa", "hf_sdpa_offload", "hf_liger",
                                          "hf_liger_offload", "dcwdist_dcw", "dcwdist_dcw_zero1")],

@@ -1,7 +1,9 @@
 """What the block-sparse kernels read besides q/k/v: a BlockLayout flattened per entry, and tuning.
 
 Per CSR entry (forward: query block -> key block; transposed: key block -> query block) the plan
-holds the block index, the delta bounds [lo, hi) of its mode (delta = q_pos - k_pos) and a flag:
+holds the block index, the delta bounds [lo, hi) of its mode (delta = q_pos - k_pos; WINDOW /
+FAR entries take their window / far from layout.entry_bound when set, else layout.window /
+layout.far) and a flag:
 bit 0 set unless every token pair of the tile passes (decided from per-block position and
 document ranges, so full interior blocks skip all mask work), bit 1 when the document test is
 needed. Rows are launched heaviest first (longest CSR row first) so the long causal rows of a
@@ -84,14 +86,19 @@ def _block_range(x_BT: torch.Tensor, blk: int):
     return x.amin(-1), x.amax(-1)
 
 
-def _entries(layout: BlockLayout, bg, qb, kb, mode, stats):
-    """Bounds and flags of entries (bg = b * G + g, query block, key block, MODE_*)."""
+def _entries(layout: BlockLayout, bg, qb, kb, mode, stats, bound=None):
+    """Bounds and flags of entries (bg = b * G + g, query block, key block, MODE_*, and the
+    entries' own window / far: layout.entry_bound in this order, or None for the layout's)."""
     dev = mode.device
     lo_tab = torch.tensor([-_BIG, 0, 0, layout.far], dtype=torch.int64, device=dev)
     hi_tab = torch.tensor([_BIG, _BIG, layout.window, _BIG], dtype=torch.int64, device=dev)
     assert (MODE_FULL, MODE_CAUSAL, MODE_WINDOW, MODE_FAR) == (0, 1, 2, 3)
     m = mode.long()
     lo, hi = lo_tab[m], hi_tab[m]
+    if bound is not None:  # per-entry window (hi of WINDOW) / far (lo of FAR)
+        bound = bound.long().clamp(-_BIG, _BIG)
+        lo = torch.where(m == MODE_FAR, bound, lo)
+        hi = torch.where(m == MODE_WINDOW, bound, hi)
     b = bg // layout.groups
     (qmin, qmax), (kmin, kmax) = stats["q_pos"], stats["k_pos"]
     d_min = qmin[b, qb] - kmax[b, kb]
@@ -138,12 +145,14 @@ def _build(layout: BlockLayout) -> KernelPlan:
                                    layout.indptr[1:] - layout.indptr[:-1])
     kb = layout.kv_block.long()
     fwd = _csr(layout.indptr, rows, kb,
-               *_entries(layout, rows // NQ, rows % NQ, kb, layout.mode, stats))
+               *_entries(layout, rows // NQ, rows % NQ, kb, layout.mode, stats,
+                         layout.entry_bound))
     tr = layout.transpose()
     cols = torch.repeat_interleave(torch.arange(tr.indptr.numel() - 1, device=tr.indptr.device),
                                    tr.indptr[1:] - tr.indptr[:-1])
     qb = tr.q_block_idx.long()
-    bwd = _csr(tr.indptr, cols, qb, *_entries(layout, cols // NK, qb, cols % NK, tr.mode, stats))
+    bwd = _csr(tr.indptr, cols, qb,
+               *_entries(layout, cols // NK, qb, cols % NK, tr.mode, stats, tr.bound))
     q_pos, k_pos = layout.q_pos.int().contiguous(), layout.k_pos.int().contiguous()
     return KernelPlan(
         fwd=fwd, bwd=bwd, q_pos=q_pos, k_pos=k_pos,

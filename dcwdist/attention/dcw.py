@@ -9,8 +9,13 @@ Per query token i of block b (DESIGN.md, "The attention contract"):
               document start with j <= i - buffer_window (layout `strided`, a compact gathered key
               set read with MODE_FAR) -- the three partial softmaxes are disjoint and merge by LSE
               into one softmax.
+  At cp=1 the three run as one kernel launch over one merged layout (merge_layouts: keys
+  [K; strided K], each entry with its own window / far), so one softmax, no LSE merge.
   non-core    + alpha_layer * CrossAttn(q_i, S_b): its own softmax over the pooled K/V of core
-              blocks of the same document that end before b starts (layout `summary`).
+              blocks of the same document that end before b starts (layout `summary`). With
+              segmentation.summary_source=content the sources are the core blocks plus the
+              blocks the scorer found relevant by their own content (ctx.cache
+              "summary_blocks"): causal, since only blocks after a source read it.
 
 Differentiable path to the scorer: when ctx.block_scores (soft, with grad) is given, every core
 block's summary values are multiplied by w = 1 + s - s.detach() (a straight-through weight: the
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +37,8 @@ from dcwdist.attention.context import TIER_BACKGROUND, TIER_BUFFER, TIER_CORE, A
 from dcwdist.attention.executor import attend_layout, merge_partials
 from dcwdist.attention.layout import BlockLayout
 from dcwdist.attention.layouts import (ROW_CAUSAL, ROW_NONE, ROW_WINDOW, compact_far_layout,
-                                       doc_position, local_layout, pad_doc, summary_layout)
+                                       doc_position, local_layout, merge_layouts, pad_doc,
+                                       summary_layout)
 
 
 @dataclass
@@ -49,11 +56,23 @@ class DCWPlan:
     summary: BlockLayout
     """Non-core rows over the compact core-summary set (MODE_FULL, whole core blocks)."""
     core_idx: torch.Tensor
-    """[B, NC] block index of each compact core block (the summary layout's key blocks)."""
+    """[B, NC] block index of each summary source block (core blocks, or the segmenter's
+    content-chosen sources): the summary layout's compact key set, in block order."""
     core_valid: torch.Tensor
     """[B, NC] False for padding slots."""
     tiers: torch.Tensor
     """[B, NB] the tiers the plan was built from."""
+    fused: Optional[BlockLayout] = None
+    """local + buffer + strided as one layout over [K; strided K] (built on first use)."""
+
+
+def fused_layout(plan: DCWPlan) -> BlockLayout:
+    """The plan's core / background / buffer / strided parts as one layout: rows are disjoint
+    between local and buffer, and strided keys (MODE_FAR) are disjoint from the buffer window."""
+    if plan.fused is None:
+        plan.fused = merge_layouts([merge_layouts([plan.local, plan.buffer], shared_keys=True),
+                                    plan.strided])
+    return plan.fused
 
 
 def local_rows(tiers_BN: torch.Tensor) -> torch.Tensor:
@@ -62,7 +81,20 @@ def local_rows(tiers_BN: torch.Tensor) -> torch.Tensor:
                        torch.where(tiers_BN == TIER_BACKGROUND, ROW_WINDOW, ROW_NONE))
 
 
-def build_dcw_plan(cfg: AttentionConfig, doc_BT: torch.Tensor, tiers_BN: torch.Tensor) -> DCWPlan:
+def summary_sources(ctx: AttnContext) -> Optional[torch.Tensor]:
+    """[B, NB] bool blocks whose summaries later blocks read, when the segmenter chose them by
+    their own content (segmentation.summary_source=content); None: the core tier's blocks."""
+    return ctx.cache.get("summary_blocks")
+
+
+def summary_weight_scores(ctx: AttnContext) -> Optional[torch.Tensor]:
+    """[B, NB] soft scores (with grad) that weight each source block's summary values: the
+    segmenter's summary scores when it chose sources by content, else the block scores."""
+    return ctx.cache.get("summary_scores", ctx.block_scores)
+
+
+def build_dcw_plan(cfg: AttentionConfig, doc_BT: torch.Tensor, tiers_BN: torch.Tensor,
+                   summary_BN: Optional[torch.Tensor] = None) -> DCWPlan:
     blk = cfg.block_size
     NB = -(-doc_BT.shape[1] // blk)
     if tiers_BN.shape != (doc_BT.shape[0], NB):
@@ -74,7 +106,8 @@ def build_dcw_plan(cfg: AttentionConfig, doc_BT: torch.Tensor, tiers_BN: torch.T
     doc = pad_doc(doc_BT, blk)
     strided_sel = doc_position(doc) % cfg.stride == 0
     strided, strided_idx = compact_far_layout(doc_BT, blk, strided_sel, buffer, cfg.buffer_window)
-    summary, core_idx, core_valid = summary_layout(doc_BT, blk, core, ~core, cfg.summary_pool)
+    src = core if summary_BN is None else summary_BN.to(torch.bool)
+    summary, core_idx, core_valid = summary_layout(doc_BT, blk, src, ~core, cfg.summary_pool)
     return DCWPlan(local, buf, strided, strided_idx, summary, core_idx, core_valid, tiers_BN)
 
 
@@ -86,10 +119,11 @@ def dcw_plan(cfg: AttentionConfig, ctx: AttnContext) -> DCWPlan:
     key = ("dcw_plan", cfg.block_size, cfg.buffer_window, cfg.stride, cfg.summary_pool)
     plans = ctx.cache.get(key)
     if plans is None or next(iter(plans.values())).tiers is not ctx.tiers:
-        plans = ctx.cache[key] = {cfg.window: build_dcw_plan(cfg, ctx.doc_ids, ctx.tiers)}
+        plans = ctx.cache[key] = {cfg.window: build_dcw_plan(cfg, ctx.doc_ids, ctx.tiers,
+                                                                  summary_sources(ctx))}
     if cfg.window not in plans:  # per-layer windows: only the `local` layout differs
         plan = next(iter(plans.values()))
-        plans[cfg.window] = dataclasses.replace(plan, local=local_layout(
+        plans[cfg.window] = dataclasses.replace(plan, fused=None, local=local_layout(
             ctx.doc_ids, cfg.block_size, local_rows(ctx.tiers), cfg.window))
     return plans[cfg.window]
 
@@ -169,14 +203,20 @@ class DCWAttention(nn.Module):
         run = lambda q, k, v, lay: attend_layout(q, k, v, lay, None, cfg.impl, cfg.chunk_size)  # noqa: E731
         bi = torch.arange(q_BTHD.shape[0], device=q_BTHD.device)[:, None]
         k_s, v_s = k_BTKD[bi, plan.strided_idx], v_BTKD[bi, plan.strided_idx]
-        local, _ = merge_partials([_local_part(cfg, ctx, plan, q_BTHD, k_BTKD, v_BTKD),
-                                   run(q_BTHD, k_BTKD, v_BTKD, plan.buffer),
-                                   run(q_BTHD, k_s, v_s, plan.strided)])
         blk, pool = cfg.block_size, cfg.summary_pool
+        if cfg.dcw_background_windows:  # per-group local layouts: partials merged by LSE
+            local, _ = merge_partials([_local_part(cfg, ctx, plan, q_BTHD, k_BTKD, v_BTKD),
+                                       run(q_BTHD, k_BTKD, v_BTKD, plan.buffer),
+                                       run(q_BTHD, k_s, v_s, plan.strided)])
+        else:
+            pad = plan.local.num_k_blocks * blk - k_BTKD.shape[1]
+            cat = lambda x, x_s: torch.cat([F.pad(x, (0, 0, 0, 0, 0, pad)), x_s], 1)  # noqa: E731
+            local, _ = run(q_BTHD, cat(k_BTKD, k_s), cat(v_BTKD, v_s), fused_layout(plan))
         k_sum = pool_summaries(k_BTKD, ctx.doc_ids, plan.core_idx, blk, pool)
         v_sum = pool_summaries(v_BTKD, ctx.doc_ids, plan.core_idx, blk, pool)
-        if ctx.block_scores is not None:
-            s = ctx.block_scores.gather(1, plan.core_idx).to(v_sum.dtype)  # [B, NC]
+        weight_scores = summary_weight_scores(ctx)
+        if weight_scores is not None:
+            s = weight_scores.gather(1, plan.core_idx).to(v_sum.dtype)  # [B, NC]
             weight = (1 + s - s.detach()).repeat_interleave(blk // pool, 1)  # value exactly 1
             v_sum = v_sum * weight[:, :, None, None]
         cross, _ = run(q_BTHD, k_sum, v_sum, plan.summary)

@@ -32,30 +32,58 @@ def attend_layout(q_BTHD: torch.Tensor, k_BSKD: torch.Tensor, v_BSKD: torch.Tens
     return _attend_torch(q_BTHD, k_BSKD, v_BSKD, layout, scale, chunk_size)
 
 
-def padded_rows(layout: BlockLayout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR rows [R] -> (kv_block [R, M] int64, mode [R, M] int64 with -1 past each row's end)."""
+def _padded_entries(layout: BlockLayout, rows: torch.Tensor
+                    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """CSR rows [R] -> (entry index [R, M] clamped into range, valid [R, M]); None if M == 0."""
     start = layout.indptr[rows]
     count = layout.indptr[rows + 1] - start
     width = int(count.max()) if rows.numel() else 0
     if width == 0 or layout.nnz == 0:
-        empty = torch.zeros(rows.numel(), 0, dtype=torch.int64, device=rows.device)
-        return empty, empty
+        return None
     off = torch.arange(width, device=rows.device)
     valid = off[None, :] < count[:, None]
-    entry = (start[:, None] + off[None, :]).clamp_max(layout.nnz - 1)
+    return (start[:, None] + off[None, :]).clamp_max(layout.nnz - 1), valid
+
+
+def padded_rows(layout: BlockLayout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR rows [R] -> (kv_block [R, M] int64, mode [R, M] int64 with -1 past each row's end)."""
+    found = _padded_entries(layout, rows)
+    if found is None:
+        empty = torch.zeros(rows.numel(), 0, dtype=torch.int64, device=rows.device)
+        return empty, empty
+    entry, valid = found
     kv = torch.where(valid, layout.kv_block[entry].long(), 0)
     mode = torch.where(valid, layout.mode[entry].long(), -1)
     return kv, mode
 
 
-def tile_allowed(layout: BlockLayout, q_pos, k_pos, mode, q_doc=None, k_doc=None) -> torch.Tensor:
-    """Token mask of gathered tiles: q_pos [..., Q], k_pos/mode/k_doc [..., K] -> bool [..., Q, K]."""
+def padded_bound(layout: BlockLayout, rows: torch.Tensor) -> Optional[torch.Tensor]:
+    """CSR rows [R] -> entry_bound [R, M] int64 (0 past each row's end), aligned with
+    padded_rows; None when the layout has no entry_bound (window / far for every entry)."""
+    if layout.entry_bound is None:
+        return None
+    found = _padded_entries(layout, rows)
+    if found is None:
+        return torch.zeros(rows.numel(), 0, dtype=torch.int64, device=rows.device)
+    entry, valid = found
+    return torch.where(valid, layout.entry_bound[entry].long(), 0)
+
+
+def tile_allowed(layout: BlockLayout, q_pos, k_pos, mode, q_doc=None, k_doc=None,
+                 bound=None) -> torch.Tensor:
+    """Token mask of gathered tiles: q_pos [..., Q], k_pos/mode/k_doc [..., K] -> bool [..., Q, K].
+
+    bound (shape of mode, or None): per key the entry's window (MODE_WINDOW) / far (MODE_FAR),
+    overriding layout.window / layout.far elementwise (padded_bound / layout.entry_bound)."""
     delta = q_pos[..., :, None] - k_pos[..., None, :]
     md = mode[..., None, :]
+    window, far = layout.window, layout.far
+    if bound is not None:
+        window = far = bound[..., None, :]
     allowed = ((md == MODE_FULL)
                | ((md == MODE_CAUSAL) & (delta >= 0))
-               | ((md == MODE_WINDOW) & (delta >= 0) & (delta < layout.window))
-               | ((md == MODE_FAR) & (delta >= layout.far)))
+               | ((md == MODE_WINDOW) & (delta >= 0) & (delta < window))
+               | ((md == MODE_FAR) & (delta >= far)))
     if q_doc is not None and k_doc is not None:
         allowed &= (q_doc[..., :, None] == k_doc[..., None, :]) & (k_doc[..., None, :] >= 0)
     return allowed
@@ -87,6 +115,7 @@ def _attend_torch(q_BTHD, k_BSKD, v_BSKD, layout: BlockLayout, scale: float, chu
             C = e - s
             rows = ((b_idx[:, None] * G + g) * NQ + torch.arange(s, e, device=q.device)).view(-1)
             kv, mode = padded_rows(layout, rows)
+            bound = padded_bound(layout, rows)
             M = kv.shape[1]
             q_c = q[:, s:e, :, g * hq:(g + 1) * hq]  # [B, C, qb, hq, D]
             if M == 0:
@@ -94,6 +123,8 @@ def _attend_torch(q_BTHD, k_BSKD, v_BSKD, layout: BlockLayout, scale: float, chu
                 lses_g.append(q_c.new_full((B, hq, C * qb), float("-inf"), dtype=acc))
                 continue
             kv, mode = kv.view(B, C, M), mode.view(B, C, M)
+            if bound is not None:
+                bound = bound.view(B, C, M).repeat_interleave(kb, -1)
             bi = b_idx[:, None, None]
             k_c = k[bi, kv][..., g * hk:(g + 1) * hk, :].reshape(B, C, M * kb, hk, D)
             v_c = v[bi, kv][..., g * hk:(g + 1) * hk, :].reshape(B, C, M * kb, hk, D)
@@ -101,7 +132,8 @@ def _attend_torch(q_BTHD, k_BSKD, v_BSKD, layout: BlockLayout, scale: float, chu
                 layout, q_pos[:, s:e], k_pos[bi, kv].reshape(B, C, M * kb),
                 mode.repeat_interleave(kb, -1),
                 None if q_doc is None else q_doc[:, s:e],
-                None if k_doc is None else k_doc[bi, kv].reshape(B, C, M * kb))  # [B,C,qb,M*kb]
+                None if k_doc is None else k_doc[bi, kv].reshape(B, C, M * kb),
+                bound)  # [B,C,qb,M*kb]
             q_g = q_c.reshape(B, C, qb, hk, hq // hk, D).to(acc)
             scores = torch.einsum("bcqkrd,bcnkd->bckrqn", q_g, k_c.to(acc)) * scale
             scores = scores.masked_fill(~allowed[:, :, None, None], float("-inf"))

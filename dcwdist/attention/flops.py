@@ -33,10 +33,12 @@ def layout_pairs(layout: BlockLayout, entries_per_chunk: int = 4096) -> torch.Te
         r = rows[s:s + entries_per_chunk]
         kv = layout.kv_block[s:s + entries_per_chunk].long()
         mode = layout.mode[s:s + entries_per_chunk].long()[:, None].expand(-1, kb)
+        bound = (None if layout.entry_bound is None else
+                 layout.entry_bound[s:s + entries_per_chunk].long()[:, None].expand(-1, kb))
         b, qbk = r // (G * NQ), r % NQ
         allowed = tile_allowed(layout, q_pos[b, qbk], k_pos[b, kv], mode,
                                None if q_doc is None else q_doc[b, qbk],
-                               None if k_doc is None else k_doc[b, kv])  # [E, qb, kb]
+                               None if k_doc is None else k_doc[b, kv], bound)  # [E, qb, kb]
         cols = qbk[:, None] * qb + torch.arange(qb, device=dev)
         counts.view(-1).index_add_(0, ((r // NQ)[:, None] * NQ * qb + cols).view(-1),
                                    allowed.sum(-1).view(-1))

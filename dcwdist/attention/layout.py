@@ -13,6 +13,13 @@ pooled summaries, top-k blocks):
     MODE_FAR     delta >= far            (strided keys outside the buffer window)
 and, when q_doc / k_doc are given, q_doc[i] == k_doc[j] (and k_doc[j] >= 0: -1 marks padding).
 
+window / far are the layout's defaults for every entry. An optional per-entry `entry_bound`
+(int32 [nnz]) overrides them entry by entry: the window width of a MODE_WINDOW entry, the
+minimum distance of a MODE_FAR entry (ignored for MODE_FULL / MODE_CAUSAL). One layout can so
+hold rows with different windows (e.g. DCW background rows with window 32 and buffer rows with
+window 64) in one kernel launch. Code that selects or permutes a layout's entries must index
+entry_bound with the same entry index as kv_block / mode.
+
 G is 1 when every head shares the pattern (DCW), or Hkv when kv-head groups differ
 (block_topk); query head h uses group h // (H // G).
 """
@@ -28,6 +35,9 @@ MODE_FULL, MODE_CAUSAL, MODE_WINDOW, MODE_FAR = 0, 1, 2, 3
 
 @dataclass
 class BlockLayout:
+    """CSR over query-block rows of (key block, mode[, bound]) entries: see the module docstring.
+    Every entry reads `window` / `far` unless `entry_bound` gives its own."""
+
     indptr: torch.Tensor
     """int64 [B * G * NQ + 1] CSR row pointers."""
     kv_block: torch.Tensor
@@ -54,6 +64,15 @@ class BlockLayout:
     """int64 [B, Tq] document of each query token, or None (no document test)."""
     k_doc: Optional[torch.Tensor] = None
     """int64 [B, Tk] document of each key token (-1: padding, never attended)."""
+    entry_bound: Optional[torch.Tensor] = None
+    """int32 [nnz] parameter of each entry's mode, or None (every entry uses window / far):
+    the window width of MODE_WINDOW entries, the minimum distance of MODE_FAR entries; ignored
+    for MODE_FULL / MODE_CAUSAL entries. Selected / permuted together with kv_block and mode."""
+
+    def __post_init__(self):
+        if self.entry_bound is not None and self.entry_bound.shape != self.kv_block.shape:
+            raise ValueError(f"entry_bound must be [nnz] = {tuple(self.kv_block.shape)}, "
+                             f"got {tuple(self.entry_bound.shape)}")
 
     @property
     def nnz(self) -> int:
@@ -83,8 +102,9 @@ class BlockLayout:
         counts = torch.bincount(col_row, minlength=self.batch * self.groups * self.num_k_blocks)
         indptr = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
         indptr[1:] = torch.cumsum(counts, 0)
-        return TransposedLayout(indptr=indptr, q_block_idx=qb[order].to(torch.int32),
-                                mode=self.mode[order], forward=self)
+        return TransposedLayout(
+            indptr=indptr, q_block_idx=qb[order].to(torch.int32), mode=self.mode[order],
+            forward=self, bound=None if self.entry_bound is None else self.entry_bound[order])
 
     def token_mask(self) -> torch.Tensor:
         """Dense bool mask [B, G, Tq, Tk] implied by the layout (tests and small sizes only)."""
@@ -95,12 +115,20 @@ class BlockLayout:
         rows = torch.repeat_interleave(torch.arange(B * G * NQ, device=dev),
                                        self.indptr[1:] - self.indptr[:-1])
         block_mask.view(-1, self.num_k_blocks)[rows, self.kv_block.long()] = self.mode
-        tile = block_mask.repeat_interleave(self.q_block, 2).repeat_interleave(self.k_block, 3)
+        expand = lambda x: x.repeat_interleave(self.q_block, 2).repeat_interleave(  # noqa: E731
+            self.k_block, 3)
+        tile = expand(block_mask)
+        window, far = self.window, self.far
+        if self.entry_bound is not None:  # per-tile window / far
+            bound = torch.zeros(B, G, NQ, self.num_k_blocks, dtype=torch.int64, device=dev)
+            bound.view(-1, self.num_k_blocks)[rows, self.kv_block.long()] = \
+                self.entry_bound.long()
+            window = far = expand(bound)
         delta = self.q_pos[:, None, :, None] - self.k_pos[:, None, None, :]
         allowed = ((tile == MODE_FULL)
                    | ((tile == MODE_CAUSAL) & (delta >= 0))
-                   | ((tile == MODE_WINDOW) & (delta >= 0) & (delta < self.window))
-                   | ((tile == MODE_FAR) & (delta >= self.far)))
+                   | ((tile == MODE_WINDOW) & (delta >= 0) & (delta < window))
+                   | ((tile == MODE_FAR) & (delta >= far)))
         if self.q_doc is not None and self.k_doc is not None:
             same = (self.q_doc[:, :, None] == self.k_doc[:, None, :]) & (self.k_doc[:, None, :] >= 0)
             allowed &= same[:, None]
@@ -110,7 +138,8 @@ class BlockLayout:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(self, indptr=move(self.indptr), kv_block=move(self.kv_block),
                        mode=move(self.mode), q_pos=move(self.q_pos), k_pos=move(self.k_pos),
-                       q_doc=move(self.q_doc), k_doc=move(self.k_doc))
+                       q_doc=move(self.q_doc), k_doc=move(self.k_doc),
+                       entry_bound=move(self.entry_bound))
 
 
 @dataclass
@@ -124,3 +153,5 @@ class TransposedLayout:
     mode: torch.Tensor
     """int8 [nnz]."""
     forward: BlockLayout
+    bound: Optional[torch.Tensor] = None
+    """int32 [nnz] forward.entry_bound in this order (None when the forward layout has none)."""

@@ -210,3 +210,59 @@ def summary_layout(doc_BT: torch.Tensor, blk: int, core_BN: torch.Tensor, rows_B
     layout = _make(indptr, kv, mode, B, 1, NQ, NC // group, blk, per * group, q_pos, k_pos, doc,
                    k_doc, far=1)
     return layout, core_idx, valid
+
+
+def entry_bounds(layout: BlockLayout) -> torch.Tensor:
+    """int32 [nnz] each entry's mode parameter: its entry_bound, else the layout's window
+    (MODE_WINDOW) or far (MODE_FAR), 0 for the other modes."""
+    if layout.entry_bound is not None:
+        return layout.entry_bound.int()
+    m = layout.mode.long()
+    return torch.where(m == MODE_WINDOW, layout.window,
+                       torch.where(m == MODE_FAR, layout.far, 0)).int()
+
+
+def merge_layouts(layouts: list[BlockLayout], shared_keys: bool = False) -> BlockLayout:
+    """One layout holding every entry of `layouts`, which share their query side (rows, q_pos,
+    q_doc, blocks): one kernel launch and one softmax over the union, instead of one launch per
+    layout and an LSE merge. The key sets must be disjoint per row for that to equal the merged
+    partials: different rows, or MODE_FAR against a window (DCW's buffer rows).
+
+    shared_keys: every layout indexes the same key set; else the key sets are concatenated in
+    order (entries' key blocks offset, k_pos / k_doc concatenated): run the result on
+    torch.cat of the key tensors, each padded to its layout's num_k_blocks * k_block. Each
+    entry keeps its own window / far as entry_bound. Within a row, entries keep layout order.
+    """
+    first = layouts[0]
+    for lay in layouts[1:]:
+        same = ((lay.batch, lay.groups, lay.num_q_blocks, lay.q_block, lay.k_block)
+                == (first.batch, first.groups, first.num_q_blocks, first.q_block, first.k_block))
+        if not same or (lay.k_doc is None) != (first.k_doc is None):
+            raise ValueError("merge_layouts: layouts must share batch, groups, query blocks, "
+                             "block sizes and whether they test documents")
+        if shared_keys and lay.num_k_blocks != first.num_k_blocks:
+            raise ValueError("merge_layouts(shared_keys=True): key sets differ in size")
+    dev = first.indptr.device
+    R = first.indptr.numel() - 1
+    rows, kv, mode, bound = [], [], [], []
+    offset = 0
+    for lay in layouts:
+        rows.append(torch.repeat_interleave(torch.arange(R, device=dev),
+                                            lay.indptr[1:] - lay.indptr[:-1]))
+        kv.append(lay.kv_block.long() + offset)
+        mode.append(lay.mode)
+        bound.append(entry_bounds(lay))
+        offset += 0 if shared_keys else lay.num_k_blocks
+    rows_all = torch.cat(rows)
+    order = torch.argsort(rows_all, stable=True)
+    indptr = F.pad(torch.cumsum(torch.bincount(rows_all, minlength=R), 0), (1, 0))
+    cat = (lambda ts: ts[0]) if shared_keys else (lambda ts: torch.cat(ts, 1))  # noqa: E731
+    num_k = first.num_k_blocks if shared_keys else offset
+    return BlockLayout(
+        indptr=indptr, kv_block=torch.cat(kv)[order].to(torch.int32),
+        mode=torch.cat(mode)[order], batch=first.batch, groups=first.groups,
+        num_q_blocks=first.num_q_blocks, num_k_blocks=num_k, q_block=first.q_block,
+        k_block=first.k_block, q_pos=first.q_pos, k_pos=cat([lay.k_pos for lay in layouts]),
+        q_doc=first.q_doc,
+        k_doc=None if first.k_doc is None else cat([lay.k_doc for lay in layouts]),
+        entry_bound=torch.cat(bound)[order].to(torch.int32))

@@ -47,7 +47,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dcwdist.attention.dcw import build_dcw_plan, pool_summaries
+from dcwdist.attention.dcw import (build_dcw_plan, pool_summaries, summary_sources,
+                                  summary_weight_scores)
 from dcwdist.attention.executor import attend_layout, merge_partials
 from dcwdist.attention.layout import BlockLayout
 from dcwdist.parallel.balance import Sharding
@@ -70,6 +71,14 @@ def _rows(layout: BlockLayout, q_blocks: torch.Tensor):
     return *layout.row_entries(rows), rows.numel()
 
 
+def _bound(layout: BlockLayout, entry: torch.Tensor, keep=None):
+    """layout.entry_bound of the selected entries (then of `keep` among them), or None."""
+    if layout.entry_bound is None:
+        return None
+    bound = layout.entry_bound[entry]
+    return bound if keep is None else bound[keep]
+
+
 def _q_side(layout: BlockLayout, shard: CPShard):
     idx = shard.index()
     return layout.q_pos[:, idx], None if layout.q_doc is None else layout.q_doc[:, idx]
@@ -85,7 +94,8 @@ def select_rows(layout: BlockLayout, shard: CPShard) -> BlockLayout:
                        batch=layout.batch, groups=layout.groups, num_q_blocks=q_blocks.numel(),
                        num_k_blocks=layout.num_k_blocks, q_block=layout.q_block,
                        k_block=layout.k_block, q_pos=q_pos, k_pos=layout.k_pos,
-                       window=layout.window, far=layout.far, q_doc=q_doc, k_doc=layout.k_doc)
+                       window=layout.window, far=layout.far, q_doc=q_doc, k_doc=layout.k_doc,
+                       entry_bound=_bound(layout, entry))
 
 
 def split_by_source(layout: BlockLayout, shard: CPShard) -> list[BlockLayout]:
@@ -112,7 +122,8 @@ def split_by_source(layout: BlockLayout, shard: CPShard) -> list[BlockLayout]:
             batch=layout.batch, groups=layout.groups, num_q_blocks=q_blocks.numel(),
             num_k_blocks=k_idx.numel() // blk, q_block=layout.q_block, k_block=blk,
             q_pos=q_pos, k_pos=layout.k_pos[:, k_idx], window=layout.window, far=layout.far,
-            q_doc=q_doc, k_doc=None if layout.k_doc is None else layout.k_doc[:, k_idx]))
+            q_doc=q_doc, k_doc=None if layout.k_doc is None else layout.k_doc[:, k_idx],
+            entry_bound=_bound(layout, entry, m)))
     return steps
 
 
@@ -171,7 +182,7 @@ def dcw_cp_plan(cfg, ctx):
     if ctx.tiers is None:
         raise ValueError("attention.kind='dcw' needs ctx.tiers (global [B, T / block_size] "
                          "under context parallelism); got None")
-    plan = build_dcw_plan(cfg, shard.doc_ids, ctx.tiers)
+    plan = build_dcw_plan(cfg, shard.doc_ids, ctx.tiers, summary_sources(ctx))
     routes = compact_routes(shard.sharding, cfg.block_size, plan.strided_idx,
                             plan.strided.k_doc >= 0, plan.core_idx, plan.core_valid)
     hit = {"tiers": ctx.tiers, "sharding": shard.sharding, "plan": plan, "choice": {},
@@ -234,8 +245,9 @@ def dcw_cp_attention(module, q_BTHD, k_BTKD, v_BTKD, ctx, cfg=None) -> torch.Ten
     units = torch.stack([k_pool, v_pool], 2).unflatten(1, (NBl, per))  # [B, NBl, per, 2, K, D]
     kv_sum = gather_slots(units, *p["summary_route"], shard, "summary").flatten(1, 2)
     k_sum, v_sum = kv_sum[:, :, 0], kv_sum[:, :, 1]
-    if ctx.block_scores is not None:
-        s = ctx.block_scores.gather(1, p["plan"].core_idx).to(v_sum.dtype)
+    weight_scores = summary_weight_scores(ctx)
+    if weight_scores is not None:
+        s = weight_scores.gather(1, p["plan"].core_idx).to(v_sum.dtype)
         weight = (1 + s - s.detach()).repeat_interleave(per, 1)
         v_sum = v_sum * weight[:, :, None, None]
     cross, _ = run(q_BTHD, k_sum, v_sum, p["summary"])

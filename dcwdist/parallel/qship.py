@@ -132,7 +132,8 @@ def rows_over_source(layout: BlockLayout, b: torch.Tensor, qb: torch.Tensor,
         kv_block=kv.to(torch.int32), mode=layout.mode[entry], batch=1, groups=G,
         num_q_blocks=N, num_k_blocks=layout.batch * NKl, q_block=qblk, k_block=kblk,
         q_pos=q_side(layout.q_pos), k_pos=k_side(layout.k_pos), window=layout.window,
-        far=layout.far, q_doc=q_side(layout.q_doc), k_doc=k_side(layout.k_doc))
+        far=layout.far, q_doc=q_side(layout.q_doc), k_doc=k_side(layout.k_doc),
+        entry_bound=None if layout.entry_bound is None else layout.entry_bound[entry])
 
 
 @dataclass
