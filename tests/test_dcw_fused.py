@@ -102,3 +102,32 @@ def test_summary_key_blocks_group_core_blocks_without_changing_what_is_read():
                         want[c * per:(c + 1) * per] = True
             assert torch.equal(mask[b, i], want), (b, i)
     assert NQ > 0
+
+
+def test_content_summary_sources_keep_the_model_causal():
+    """segmentation.summary_source=content: a block's own content decides whether later blocks
+    read its summaries, so sources that are not core exist; perturbing tokens after p changes
+    no logit before p (learned scorer, random init: tau_core 0.55 splits its two heads)."""
+    from dcwdist.config import load_config
+    from dcwdist.data_pipelines import SyntheticRows
+    from dcwdist.eval.positions import context_for
+    from dcwdist.train.trainer import build_model
+    from tests.conftest import REPO
+    cfg = load_config(os.path.join(REPO, "recipes/tiny_cpu.yaml"), [
+        "attention.kind=dcw", "attention.block_size=16", "model.dim=32", "model.n_layers=2",
+        "segmentation.scorer_layers=1", "segmentation.scorer_dim=16",
+        "segmentation.summary_source=content", "segmentation.tau_core=0.55",
+        "data.num_facts=1", "data.min_doc_len=60"])
+    torch.manual_seed(0)
+    model = build_model(cfg, AttentionConfig(**vars(cfg.attention))).eval()
+    batch = SyntheticRows(cfg.data, 256, align=16).batch(0, 1)
+    with torch.no_grad():
+        ctx = context_for(batch)
+        base = model(batch.tokens, ctx)
+        assert (ctx.cache["summary_blocks"] & (ctx.tiers != 0)).any()  # content-only sources
+        p = 150
+        tokens = batch.tokens.clone()
+        tokens[:, p:] = (tokens[:, p:] + 7) % cfg.model.vocab_size
+        other = model(tokens, context_for(batch))
+    torch.testing.assert_close(other[:, :p], base[:, :p], rtol=0, atol=1e-6)
+    assert not torch.allclose(other[:, p:], base[:, p:])

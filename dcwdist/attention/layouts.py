@@ -197,7 +197,7 @@ def summary_layout(doc_BT: torch.Tensor, blk: int, core_BN: torch.Tensor, rows_B
     cum = F.pad(torch.cumsum(core.long(), 1), (1, 0))  # core blocks before block b
     lo = cum.gather(1, start // blk) // group
     hi = torch.where(cum[:, :NQ] > 0, (cum[:, :NQ] - 1) // group, -1)
-    hi = torch.where(rows_BN & live & ~core_BN, hi, torch.full_like(hi, -1))
+    hi = torch.where(rows_BN & live, hi, torch.full_like(hi, -1))  # non-core rows (the caller)
     indptr, kv, _ = ranges_to_csr(lo.reshape(-1), hi.reshape(-1))
     mode = torch.full_like(kv, MODE_FAR)
     k_pos = core_idx.repeat_interleave(per, 1)  # [B, NC * per] in block units

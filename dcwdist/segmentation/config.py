@@ -34,6 +34,14 @@ class SegmentationConfig:
     """Scorer's windowed attention span (keeps it O(n))."""
     cap_slack: float = 1.0
     """causal mode: blocks of headroom the running cap allows above ratio * prefix blocks."""
+    summary_source: Literal["tier", "content"] = "tier"
+    """Which blocks' pooled summaries later non-core blocks read (DCW's cross-tier residual).
+    tier: the core-tier blocks (as before). content: causal mode only: the core-tier blocks plus
+    the blocks whose OWN content the scorer finds relevant, judged at each block's last token
+    (a second scorer output, trained on "a relevant token lies in this block"; admitted at
+    tau_core under the core tier's running cap), so a fact block can serve later blocks'
+    summaries even though its own tier was decided before it was seen. Causal-safe: only
+    strictly later blocks read a block's summary."""
     phase: Literal["scorer", "joint", "frozen"] = "joint"
     """scorer: train the scorer alone on labels (phase 1); joint: L_task + l1 L_seg + l2 L_eff
     (phase 2); frozen: scorer fixed."""
@@ -57,6 +65,10 @@ class SegmentationConfig:
         if self.scorer_dim % self.scorer_heads or (self.scorer_dim // self.scorer_heads) % 2:
             raise ValueError(f"segmentation.scorer_dim ({self.scorer_dim}) must split into "
                              f"scorer_heads ({self.scorer_heads}) heads of even width")
+        if self.summary_source == "content" and self.mode != "causal":
+            raise ValueError("segmentation.summary_source=content needs segmentation.mode=causal "
+                             f"(got mode={self.mode}; prefix mode already scores blocks by their "
+                             "own content)")
         if self.cap_slack < 0:
             raise ValueError(f"segmentation.cap_slack must be >= 0, got {self.cap_slack}")
         if min(self.lambda_seg, self.lambda_eff) < 0 or not 0 < self.eff_target <= 1:

@@ -9,7 +9,10 @@ label, over instruction and document tokens (the scorer never reads the answer).
 the score at token i only ever decides the tier of the block that starts after it, so its target
 is "a relevant token among the next blk tokens of the document" -- at the last token of block
 b-1 that is exactly "block b is relevant". A label may look ahead (like a next-token target); the
-score itself does not.
+score itself does not. With segmentation.summary_source=content the scorer has a second ("own")
+output whose target is the lookbehind mirror, "a relevant token of the document in
+(i - blk, i]" -- at the last token of block b exactly "block b is relevant" -- and L_seg is the
+sum of the two BCEs (lookahead + own) over the same labelled tokens.
 
 Expected FLOPs. Per query token at position p from its document start, keys per tier are
   core        p + 1                                   (dense causal: the reference)
@@ -25,6 +28,9 @@ the expected fraction is
 (Core_b, Buf_b, Bg_b, Dense_b: the key counts summed over block b's n_b real tokens). With hard
 tiers (one-hot probabilities) the same formula is the realised density that
 dcwdist.attention.attention_flops counts for the DCW layouts. L_eff = relu(E - eff_target).
+With summary_source=content the summary sources are not just the core blocks: the last term's
+p_core(b') becomes p_src(b') (hard: the segmenter's summary_blocks; soft:
+p_core + (1 - p_core) * own block score).
 """
 from __future__ import annotations
 
@@ -57,6 +63,21 @@ def lookahead_targets(doc_BT: torch.Tensor, relevance_BT: torch.Tensor, span: in
     return ((nxt - t <= span) & same & (doc_BT >= 0)).float()
 
 
+def lookbehind_targets(doc_BT: torch.Tensor, relevance_BT: torch.Tensor, span: int) -> torch.Tensor:
+    """[B, T] float: 1 where a relevant token of the same document lies in (i - span, i].
+
+    The mirror of lookahead_targets, and the target of the scorer's "own" output
+    (summary_source=content): at a block's last token it is "this block holds a relevant token",
+    which the score there may know, having read the whole block. Padding tokens are 0.
+    """
+    B, T = doc_BT.shape
+    t = torch.arange(T, device=doc_BT.device).expand(B, T)
+    rel = (relevance_BT > 0) & (doc_BT >= 0)
+    prev = torch.where(rel, t, -(T + span + 1)).cummax(1).values  # last relevant at <= i
+    same = doc_BT.gather(1, prev.clamp(min=0)) == doc_BT
+    return ((t - prev < span) & same & (doc_BT >= 0)).float()
+
+
 def seg_loss(logits_BT: torch.Tensor, target_BT: torch.Tensor, mask_BT: torch.Tensor):
     """Mean BCE over the masked tokens (0 when none)."""
     if not bool(mask_BT.any()):
@@ -80,12 +101,17 @@ def block_costs(doc_BT: torch.Tensor, blk: int, attn_cfg: AttentionConfig) -> di
 
 
 def flops_fraction(p_core: torch.Tensor, p_buffer: torch.Tensor, p_background: torch.Tensor,
-                   costs: dict, info: BlockInfo, blk: int, summary_pool: int) -> torch.Tensor:
-    """Expected attention FLOPs / dense over the batch for per-block tier probabilities [B, NB]."""
+                   costs: dict, info: BlockInfo, blk: int, summary_pool: int,
+                   p_source: torch.Tensor | None = None) -> torch.Tensor:
+    """Expected attention FLOPs / dense over the batch for per-block tier probabilities [B, NB].
+
+    p_source [B, NB]: probability that a block is a summary source (default p_core: the core
+    blocks, summary_source=tier)."""
     dt = torch.float32
     pc, pb, pg = p_core.to(dt), p_buffer.to(dt), p_background.to(dt)
-    csum = pc.cumsum(1)
-    before = (csum - pc) - (csum - pc).gather(1, info.seg_start)  # core blocks earlier in the doc
+    ps = pc if p_source is None else p_source.to(dt)
+    csum = ps.cumsum(1)
+    before = (csum - ps) - (csum - ps).gather(1, info.seg_start)  # sources earlier in the doc
     summaries = before * (blk // summary_pool)
     c = {k: v.to(dt) for k, v in costs.items()}
     total = (pc * c["core"] + pb * c["buffer"] + pg * c["background"]

@@ -15,6 +15,12 @@ layers can compare document tokens with the instruction instead of meeting it on
 additive W_I e_I (on synthetic rows, held-out core recall after a short phase-1 run went from
 about 0.3 to 0.4-0.45 with it); it is causal-safe the same way.
 
+Outputs: n_out = 1 (default) gives the relevance logit [B, T]; n_out > 1 gives [B, T, n_out]
+logits from one shared trunk (only W_g widens; with segmentation.summary_source=content the
+segmenter reads output 0 as the lookahead logit and output 1 as the "own" logit: a relevant
+token lies in this token's trailing block_size-token window). Every output at token i reads only
+what the relevance logit reads (causal mode: tokens <= i).
+
 The input embeddings are detached: the scorer is a separate network, so L_seg / L_eff (and the
 straight-through L_task estimate through block scores) train only the scorer and never pull the
 LM's shared (possibly tied) embedding table toward what is convenient for scoring.
@@ -73,9 +79,9 @@ def pool_instruction(h_BTD: torch.Tensor, doc_BT: torch.Tensor, instr_BT: torch.
 
 
 class InstructionScorer(nn.Module):
-    """Token relevance logits [B, T] from token embeddings [B, T, M]."""
+    """Token relevance logits [B, T] (n_out = 1) or [B, T, n_out] from embeddings [B, T, M]."""
 
-    def __init__(self, cfg: SegmentationConfig, model_dim: int):
+    def __init__(self, cfg: SegmentationConfig, model_dim: int, n_out: int = 1):
         super().__init__()
         D = cfg.scorer_dim
         self.causal = cfg.mode == "causal"
@@ -87,7 +93,8 @@ class InstructionScorer(nn.Module):
         """Conditions the encoder input on the pooled instruction (so layers can match it)."""
         self.w_h = nn.Linear(D, D)
         self.w_i = nn.Linear(D, D, bias=False)
-        self.w_g = nn.Linear(D, 1)
+        self.n_out = n_out
+        self.w_g = nn.Linear(D, n_out)
         self.default_instruction = nn.Parameter(torch.randn(D) * 0.02)
         """e_I of a document (or causal prefix) without instruction tokens."""
 
@@ -105,4 +112,5 @@ class InstructionScorer(nn.Module):
         h = self.encoder(x, doc_BT, positions_BT, key_ok, self.causal)
         e, has = pool_instruction(h, doc_BT, instr, self.causal)
         e = torch.where(has[..., None], e, self.default_instruction.float()).to(h.dtype)
-        return self.w_g(torch.relu(self.w_h(h) + self.w_i(e))).squeeze(-1)
+        out = self.w_g(torch.relu(self.w_h(h) + self.w_i(e)))
+        return out.squeeze(-1) if self.n_out == 1 else out

@@ -15,6 +15,10 @@ causal: block b's tier comes from `decision` [B, NB], the score at the last toke
   decision >= tau_buffer (or it wanted core but hit the cap) and the buffer count stays within
   floor(buffer_ratio * (k + 1) + cap_slack); otherwise background.
 
+content sources (segmentation.summary_source=content): block k whose own score (at its own last
+real token) is >= tau_core, admitted under the same running cap as the core tier,
+floor(core_ratio * (k + 1) + cap_slack) (at least 1), counted over the content sources alone.
+
 The running cap is a sequential rule, count_k = min(count_{k-1} + want_k, cap_k), but with a
 non-decreasing cap it has the closed form count_k = A_k + min(0, min_{j<=k} (cap_j - A_j)) where
 A is the running sum of `want` (a block wanting in while count_{k-1} = cap_k is refused, and then
@@ -128,6 +132,20 @@ def capped_admit(want_BN: torch.Tensor, cap_BN: torch.Tensor, info: BlockInfo) -
     return (count - prev) > 0
 
 
+def core_cap(info: BlockInfo, core_ratio: float, cap_slack: float) -> torch.Tensor:
+    """[B, NB] int64 running cap on the core count over a document's blocks 0..k."""
+    k1 = (info.index + 1).double()
+    return torch.floor(core_ratio * k1 + cap_slack + 1e-9).long().clamp_min(1)
+
+
+def content_sources(own_BN: torch.Tensor, info: BlockInfo, core_ratio: float, tau_core: float,
+                    cap_slack: float) -> torch.Tensor:
+    """[B, NB] bool blocks chosen as summary sources by their own (detached) score, within the
+    core tier's running cap; padding blocks never."""
+    want = info.real & (own_BN.detach().float() >= tau_core)
+    return capped_admit(want, core_cap(info, core_ratio, cap_slack), info) & info.real
+
+
 def causal_tiers(decision_BN: torch.Tensor, info: BlockInfo, core_ratio: float,
                  buffer_ratio: float, tau_core: float, tau_buffer: float,
                  cap_slack: float) -> torch.Tensor:
@@ -136,7 +154,7 @@ def causal_tiers(decision_BN: torch.Tensor, info: BlockInfo, core_ratio: float,
     k1 = (info.index + 1).double()
     scored = info.real & ~info.first
     want_core = (scored & (s >= tau_core)) | info.first
-    cap_core = torch.floor(core_ratio * k1 + cap_slack + 1e-9).long().clamp_min(1)
+    cap_core = core_cap(info, core_ratio, cap_slack)
     core = capped_admit(want_core, cap_core, info) & info.real
     want_buf = scored & ~core & (s >= tau_buffer)
     cap_buf = torch.floor(buffer_ratio * k1 + cap_slack + 1e-9).long()
