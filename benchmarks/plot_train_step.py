@@ -30,6 +30,19 @@ COLOR = {"hf_sdpa": "tab:gray", "dcwdist_dense": "tab:blue", "dcwdist_dcw": "tab
          "dcwdist_dcw_zero1": "tab:purple", "dcwdist_dense_zero1": "tab:cyan"}
 
 
+def variant(r: dict) -> str:
+    """impl plus the dcwdist memory options the row ran with (one plotted series each)."""
+    impl = r["impl"]
+    if impl.startswith("dcwdist_"):
+        impl += "_offload" if r.get("offload_activations") else ""
+        impl += "_tiled" if r.get("tiled_mlp") else ""
+    return impl
+
+
+def base_impl(v: str) -> str:
+    return v.removesuffix("_tiled").removesuffix("_offload") if v.startswith("dcwdist_") else v
+
+
 def load(paths):
     rows, profiles, metas = {}, [], []
     for path in paths:
@@ -45,7 +58,9 @@ def load(paths):
             elif r.get("status") == "profile":
                 profiles.append(r)
             else:
-                rows[(r["model"], r["impl"], r["length"])] = r
+                r = dict(r, series=variant(r))
+                cold = r.get("warmup_steps") == 0
+                rows[(r["model"], r["series"], r["length"], cold)] = r
     return list(rows.values()), profiles, metas
 
 
@@ -57,14 +72,25 @@ def main():
     ap.add_argument("--capacity-gib", type=float, default=79.2)
     args = ap.parse_args()
     rows, profiles, metas = load(args.inputs)
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
-    series = sorted({(r["model"], r["impl"]) for r in rows})
-    for model, impl in series:
-        pts = sorted((r for r in rows if (r["model"], r["impl"]) == (model, impl)),
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 7))
+    series = sorted({(r["model"], r["series"]) for r in rows})
+    for model, ser in series:
+        impl = base_impl(ser)
+        pts = sorted((r for r in rows if (r["model"], r["series"]) == (model, ser)),
                      key=lambda r: r["length"])
-        ok = [r for r in pts if r.get("status") == "ok"]
-        label = f"{model} · {LABELS.get(impl, impl)}"
-        kw = dict(color=COLOR.get(impl), linestyle=STYLE.get(model, "-"), marker="o")
+        ok = [r for r in pts if r.get("status") == "ok" and r.get("warmup_steps") != 0]
+        cold = [r for r in pts if r.get("status") == "ok" and r.get("warmup_steps") == 0]
+        extra = ser.removeprefix(impl).replace("_", " + ")
+        label = f"{model} · {LABELS.get(impl, impl)}{extra}"
+        kw = dict(color=COLOR.get(impl), linestyle=STYLE.get(model, "-"),
+                  marker="s" if extra else "o")
+        for r in cold:  # a first step (pinned host allocation, tuning): hollow marker
+            for ax, val in ((ax_t, r["tokens_per_s"]), (ax_m, r.get("peak_gib"))):
+                if val is not None:
+                    ax.plot([r["length"]], [val], marker="D", fillstyle="none",
+                            color=COLOR.get(impl), linestyle="none")
+        if cold:
+            label += " (hollow: cold first step)"
         if ok:
             ax_t.plot([r["length"] for r in ok], [r["tokens_per_s"] for r in ok], label=label, **kw)
             mem = [r for r in ok if r.get("peak_gib") is not None]  # none on CPU
@@ -86,11 +112,13 @@ def main():
         ax.set_xticks(lengths)
         ax.set_xticklabels([f"{n // 1024}k" for n in lengths])
     ax_m.axhline(args.capacity_gib, color="k", linewidth=0.8, alpha=0.5)
-    ax_t.legend(fontsize=8)
+    ax_t.set_yscale("log")  # 100M at 128k and 1B at 1M differ by 20x
+    handles, labels = ax_t.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=2)
     device = next((r["device"] for r in rows if r.get("device")), "")
     fig.suptitle(f"dcwdist train step: fwd + bwd + AdamW, bf16 autocast, activation "
                  f"checkpointing — {device}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 + 0.025 * ((len(labels) + 1) // 2), 1, 1))
     fig.savefig(args.png, dpi=120)
     if args.json:
         order = {"qwen2_100m": 0, "llama3.2_1b": 1}

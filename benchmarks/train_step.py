@@ -56,7 +56,9 @@ its row records them): --tiled-mlp N sets ModelConfig.tiled_mlp (the SwiGLU over
 each recomputed in backward), --offload-activations sets ModelConfig.offload_activations (each
 checkpointed layer input, the final norm input and the loss's hidden gradient in pinned host
 memory until backward; the row adds offloaded_gib, the bytes moved per step, and the CUDA host
-allocator's pinned peak). --plan long walks the lengths up to 2M (100M) / 1M (1B) for the
+allocator's pinned peak); --recompute-attention sets ModelConfig.keep_attention_outputs=false
+(by default the attention kernels' outputs are kept from forward, so the checkpoint recompute
+skips the attention forward). --plan long walks the lengths up to 2M (100M) / 1M (1B) for the
 longest trainable sequence; run it with both flags, --timed 1 --warmup 1 --no-attn-share.
 Synthetic row: one document (doc_ids 0, positions arange), first 128 tokens instruction role,
 random tokens, sparse random relevance labels (so the scorer's L_seg runs as in joint training).
@@ -164,6 +166,18 @@ PLANS = {
                 ("llama3.2_1b", "dcwdist_dcw_zero1", 128 * K),
                 ("profile", "dcwdist_dcw_zero1", 128 * K),
                 ("qwen2_100m", "dcwdist_dcw_zero1", 512 * K)]),
+    # after keeping attention outputs across the recompute and the side-stream offload: the
+    # strong baseline's points again (run once plain and once with --offload-activations)
+    "v3": ([("qwen2_100m", "dcwdist_dcw_zero1", 128 * K),
+            ("llama3.2_1b", "dcwdist_dcw_zero1", 128 * K),
+            ("qwen2_100m", "dcwdist_dcw_zero1", 512 * K),
+            ("llama3.2_1b", "dcwdist_dcw_zero1", 256 * K)]),
+    # the longest lengths with kept attention outputs and the side-stream offload (run with
+    # --tiled-mlp and --offload-activations); 512k / 256k first for the memory comparison
+    "long_v3": [("qwen2_100m", "dcwdist_dcw_zero1", L) for L in (512 * K, 1024 * K, 2048 * K)],
+    "long_v3_1b": [("llama3.2_1b", "dcwdist_dcw_zero1", L) for L in (256 * K, 512 * K, 1024 * K)],
+    # where the 100M model's 1M step spends its time (with the long-sequence flags)
+    "profile_1m": [("profile", "dcwdist_dcw_zero1", 1024 * K)],
     # --smoke (CPU): every impl once at tiny shapes
     "smoke": [("tiny", i, 256) for i in ("hf_sdpa", "hf_sdpa_offload", "hf_liger",
                                          "hf_liger_offload", "dcwdist_dcw", "dcwdist_dcw_zero1")],
@@ -255,9 +269,9 @@ def ensure_process_group(dev) -> None:
 
 
 def build_dcwdist(shape: dict, kind: str, dev, zero_stage: int | None = None,
-                  tiled_mlp: int = 0, offload: bool = False):
+                  tiled_mlp: int = 0, offload: bool = False, keep_attention: bool = True):
     mcfg = ModelConfig(**shape, activation_checkpointing=True, tiled_mlp=tiled_mlp,
-                       offload_activations=offload)
+                       offload_activations=offload, keep_attention_outputs=keep_attention)
     acfg = AttentionConfig(kind=kind, impl="triton", block_size=64)
     job = JobConfig(model=mcfg, attention=acfg, segmentation=SegmentationConfig())
     with torch.device(dev):
@@ -310,7 +324,8 @@ def build_dcwdist(shape: dict, kind: str, dev, zero_stage: int | None = None,
         out = {k: round(float(v), 4) for k, v in metrics.items()
                if k in ("tier_core", "tier_buffer", "tier_background", "flops_realised")}
         out["backend"] = "torch" if zero_stage is None else f"deepspeed zero{zero_stage} bf16"
-        out.update(tiled_mlp=tiled_mlp, offload_activations=offload)
+        out.update(tiled_mlp=tiled_mlp, offload_activations=offload,
+                   keep_attention_outputs=keep_attention)
         if offload and "ctx" in state:
             out["offloaded_gib"] = round(state["ctx"].cache.get("offloaded_bytes", 0) / 2**30, 2)
         return out
@@ -495,7 +510,8 @@ def build(model_name: str, impl: str, T: int, dev, args=None):
         raise ValueError(f"unknown impl {impl}")
     return build_dcwdist(shape, kind, dev, int(zero) if zero else None,
                          tiled_mlp=getattr(args, "tiled_mlp", 0),
-                         offload=getattr(args, "offload_activations", False))
+                         offload=getattr(args, "offload_activations", False),
+                         keep_attention=not getattr(args, "recompute_attention", False))
 
 
 def run_case(model_name: str, impl: str, T: int, args, dev, profile: bool = False) -> dict:
@@ -514,6 +530,11 @@ def _run_built(row, shape, model, step, attn_call, extra, T, args, dev, profile,
     impl = row["impl"]
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     batch = make_batch(T, shape["vocab_size"], dev)
+    tune_at = getattr(args, "tune_at", 0)
+    if tune_at and T > tune_at:  # kernels tuned on a short step serve every length >= 32k
+        step(make_batch(tune_at, shape["vocab_size"], dev))
+        row["tuned_at"] = tune_at
+    row["warmup_steps"] = args.warmup  # 0: the timed step also pays first-step costs
     for _ in range(args.warmup):
         step(batch)
     sync(dev)
@@ -592,6 +613,8 @@ def profile_summary(prof, dev, args) -> dict:
     if args.profile_out:
         with open(args.profile_out, "w") as f:
             f.write(table)
+            if dev.type == "cuda":  # host-side time too: a step longer than its GPU time
+                f.write("\n" + evs.table(sort_by="cpu_time_total", row_limit=20))
     return {"total_self_ms": round(total / 1e3, 2), "top10": rows}
 
 
@@ -599,6 +622,12 @@ def cleanup(dev):
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+        # pinned host blocks cached by one case's offload would otherwise add up over the
+        # process (a later, longer case was killed for host memory)
+        for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):
+            if hasattr(torch._C, name):
+                getattr(torch._C, name)()
+                break
 
 
 def predict_s(series: tuple, T: int, last: dict, profile: bool, args) -> float:
@@ -620,6 +649,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--plan", default="full", choices=sorted(PLANS))
     ap.add_argument("--only", nargs="*", default=None, help="run only these impls")
+    ap.add_argument("--lengths", nargs="*", type=int, default=None,
+                    help="run only these lengths (tokens) of the plan")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--timed", type=int, default=3)
     ap.add_argument("--timed-max-s", type=float, default=float("inf"),
@@ -639,6 +670,13 @@ def main():
     ap.add_argument("--offload-activations", action="store_true",
                     help="dcwdist impls: model.offload_activations=true (checkpointed inputs "
                          "in pinned host memory)")
+    ap.add_argument("--tune-at", type=int, default=0, metavar="T",
+                    help="one step at T tokens before each longer case: the kernels' tile "
+                         "tuning (shared by every length >= 32k) then happens there, so "
+                         "--warmup 0 at 1M+ times a tuned step")
+    ap.add_argument("--recompute-attention", action="store_true",
+                    help="dcwdist impls: model.keep_attention_outputs=false (the checkpoint "
+                         "recompute runs the attention forward again)")
     args = ap.parse_args()
     if args.smoke:
         args.plan, args.timed, args.attn_share = "smoke", 1, False
@@ -659,6 +697,8 @@ def main():
         if profile:
             model_name = "tiny" if model_name == "profile_tiny" else "qwen2_100m"
         if args.only and impl not in args.only:
+            continue
+        if args.lengths and T not in args.lengths:
             continue
         series = (model_name, impl)
         elapsed = time.perf_counter() - t_start

@@ -45,15 +45,23 @@ _CPU_CONFIGS = [(32, 32, 4, 1), (16, 16, 4, 1)]
 
 def block_sparse_attention(q_BTHD: torch.Tensor, k_BSKD: torch.Tensor, v_BSKD: torch.Tensor,
                            layout: BlockLayout, scale: Optional[float] = None,
-                           deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                           deterministic: bool = True, kept=None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q over the keys `layout` allows: (out [B,Tq,H,D], lse [B,H,Tq] fp32).
 
     deterministic=False adds dQ with fp32 atomics inside the dK/dV pass (one backward pass
-    instead of two; run-to-run bits of dQ may differ).
+    instead of two; run-to-run bits of dQ may differ). kept (model.activations.KeptOutputs):
+    a checkpointed first forward keeps (out, lse) there and the recompute in backward reuses
+    them: only the autograd node is rebuilt, the forward kernel does not run again.
     """
     scale = q_BTHD.shape[-1] ** -0.5 if scale is None else float(scale)
     _check(q_BTHD, k_BSKD, v_BSKD, layout)
-    return _BlockSparseAttention.apply(q_BTHD, k_BSKD, v_BSKD, layout, scale, deterministic)
+    slot, given = kept.recall() if kept is not None else (None, None)
+    out, lse = _BlockSparseAttention.apply(q_BTHD, k_BSKD, v_BSKD, layout, scale, deterministic,
+                                           given)
+    if slot is not None:
+        kept.keep(slot, out, lse)
+    return out, lse
 
 
 def block_sparse_attention_reference(q_BTHD, k_BSKD, v_BSKD, layout: BlockLayout,
@@ -200,10 +208,11 @@ def triton_cdiv(a: int, b: int) -> int:
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, layout, scale, deterministic):
+    def forward(ctx, q, k, v, layout, scale, deterministic, given):
         q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
         plan = kernel_plan(layout, q.device)
-        out, lse = _forward(q, k, v, plan, scale)
+        # given: (out, lse) of this call's first forward (a checkpoint's recompute)
+        out, lse = _forward(q, k, v, plan, scale) if given is None else given
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.deterministic = plan, scale, deterministic
         return out, lse
@@ -216,4 +225,4 @@ class _BlockSparseAttention(torch.autograd.Function):
         dout = _lastdim_contig(dout.to(out.dtype))
         dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.plan, ctx.scale,
                                ctx.deterministic)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None

@@ -144,3 +144,54 @@ def test_scorer_phase_trains_only_the_segmenter():
     assert all(p.requires_grad == (n in names) for n, p in model.named_parameters())
     apply_phase(model, "frozen")
     assert all(p.requires_grad == (n not in names) for n, p in model.named_parameters())
+
+
+def test_instruction_pooling_gradient_equals_the_plain_gather_in_fp64():
+    """pool_instruction's running mean backward (a run sum from one cumsum) equals autograd's
+    index backward."""
+    from dcwdist.segmentation import scorer as sc
+    g = torch.Generator().manual_seed(0)
+    B, T, D = 2, 40, 6
+    doc = torch.zeros(B, T, dtype=torch.long)
+    doc[0, 15:] = 1
+    doc[1, 8:30] = 1
+    doc[1, 30:] = -1
+    instr = torch.rand(B, T, generator=g) < 0.3
+    h = torch.randn(B, T, D, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    e, has = sc.pool_instruction(h, doc, instr, True)
+    (grad,) = torch.autograd.grad((e * w).sum(), h)
+    plain = sc._SortedGather.apply
+    try:
+        sc._SortedGather.apply = lambda src, idx: src[idx]
+        e2, _ = sc.pool_instruction(h, doc, instr, True)
+        (grad2,) = torch.autograd.grad((e2 * w).sum(), h)
+    finally:
+        sc._SortedGather.apply = plain
+    torch.testing.assert_close(e, e2, rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad2, rtol=1e-12, atol=1e-12)
+    assert has.any() and grad.abs().sum() > 0
+
+
+def test_scorer_checkpointing_changes_no_gradient_and_keeps_one_input_per_layer():
+    """segmentation.scorer_checkpointing recomputes each encoder layer in backward: the scorer's
+    loss and gradients equal the plain scorer's (fp64), with less memory kept for backward."""
+    from dcwdist.model.activations import LiveBytes
+    from dcwdist.segmentation.scorer import InstructionScorer
+    doc, pos, roles = packed()
+    emb = torch.randn(*doc.shape, M, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        scorer = InstructionScorer(small_cfg(mode="causal", scorer_checkpointing=ckpt), M).double()
+        scorer.train()
+        with LiveBytes() as live:
+            out = scorer(emb, doc, pos, roles)
+            kept = live.current
+        out.pow(2).sum().backward()
+        got[ckpt] = (out.detach(), {n: p.grad for n, p in scorer.named_parameters()}, kept)
+    (out0, g0, kept0), (out1, g1, kept1) = got[False], got[True]
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    for name, g in g0.items():
+        torch.testing.assert_close(g1[name], g, rtol=1e-12, atol=1e-12, msg=name)
+    assert kept1 < 0.6 * kept0, (kept1, kept0)

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from dcwdist.attention import AttentionConfig, AttnContext, attention_flops
-from dcwdist.attention.context import (ROLE_ANSWER, ROLE_DOCUMENT, ROLE_INSTRUCTION, ROLE_PAD,
-                                       TIER_CORE)
+from dcwdist.attention.context import TIER_CORE
 from dcwdist.config import ConfigError, load_config
 from dcwdist.segmentation import METRIC_KEYS, SegmentationConfig, build_segmenter
 from dcwdist.segmentation.losses import lookahead_targets, lookbehind_targets, seg_loss
 from dcwdist.segmentation.scorer import InstructionScorer
 from tests.conftest import REPO
+from tests.test_segmentation_scorer import packed  # the same packed rows
 
 BLK, M = 8, 32
 ATTN = AttentionConfig(kind="dcw", block_size=BLK, window=4, buffer_window=8, stride=2,
@@ -23,21 +23,6 @@ ATTN = AttentionConfig(kind="dcw", block_size=BLK, window=4, buffer_window=8, st
 def small_cfg(**kw):
     kw.setdefault("mode", "causal")
     return SegmentationConfig(scorer_layers=2, scorer_dim=32, scorer_heads=2, scorer_window=8, **kw)
-
-
-def packed(lengths=(12, 9, 7), instr=(11, 0, 5), answer=(2, 0, 1), pad_blocks=1):
-    """doc ids, positions, roles [2, T] for documents of the given block counts."""
-    doc, pos, roles = [], [], []
-    for d, (n, ni, na) in enumerate(zip(lengths, instr, answer)):
-        T = n * BLK
-        doc += [d] * T
-        pos += list(range(T))
-        roles += [ROLE_INSTRUCTION] * ni + [ROLE_DOCUMENT] * (T - ni - na) + [ROLE_ANSWER] * na
-    doc += [-1] * BLK * pad_blocks
-    pos += list(range(BLK * pad_blocks))
-    roles += [ROLE_PAD] * BLK * pad_blocks
-    t = lambda x: torch.tensor([x, x])  # noqa: E731
-    return t(doc), t(pos), t(roles)
 
 
 def sparse_relevance(doc, p=0.04, seed=0, force_at=0):
@@ -288,15 +273,20 @@ def brute_force_density(doc, tiers, sources, cfg):
     return keys / dense
 
 
-@pytest.mark.parametrize("scorer", ["oracle", "learned"])
-def test_realised_flops_count_every_non_core_query_reading_the_content_sources(scorer):
+def content_case(scorer):
+    """(doc, ctx) of a segmenter forward with content sources on labelled packed rows."""
     torch.manual_seed(0)
     doc, pos, roles = packed(lengths=(20, 14, 9))
     rel = sparse_relevance(doc, p=0.05, force_at=2 * BLK + 1)
     rel[:, :BLK] = 0
     seg = build_segmenter(small_cfg(summary_source="content", scorer=scorer, tau_core=0.5,
                                     tau_buffer=0.4, cap_slack=0.0), M, ATTN)
-    ctx = run(seg, torch.randn(*doc.shape, M), doc, pos, roles, rel)
+    return doc, run(seg, torch.randn(*doc.shape, M), doc, pos, roles, rel)
+
+
+@pytest.mark.parametrize("scorer", ["oracle", "learned"])
+def test_realised_flops_count_every_non_core_query_reading_the_content_sources(scorer):
+    doc, ctx = content_case(scorer)
     src, core = ctx.cache["summary_blocks"], ctx.tiers == TIER_CORE
     assert (src & ~core).any()
     got = ctx.cache["metrics"]["flops_realised"]
@@ -306,12 +296,6 @@ def test_realised_flops_count_every_non_core_query_reading_the_content_sources(s
 
 @pytest.mark.parametrize("scorer", ["oracle", "learned"])
 def test_realised_flops_equal_the_attention_layouts_count_with_content_sources(scorer):
-    torch.manual_seed(0)
-    doc, pos, roles = packed(lengths=(20, 14, 9))
-    rel = sparse_relevance(doc, p=0.05, force_at=2 * BLK + 1)
-    rel[:, :BLK] = 0
-    seg = build_segmenter(small_cfg(summary_source="content", scorer=scorer, tau_core=0.5,
-                                    tau_buffer=0.4, cap_slack=0.0), M, ATTN)
-    ctx = run(seg, torch.randn(*doc.shape, M), doc, pos, roles, rel)
+    _, ctx = content_case(scorer)
     want = attention_flops(ATTN, ctx, 1, 1)["density"]
     assert ctx.cache["metrics"]["flops_realised"] == pytest.approx(want, rel=1e-5)

@@ -28,3 +28,7 @@ class AttnContext:
     """Context-parallel process group (None: the whole sequence is local)."""
     cache: dict = field(default_factory=dict)
     """Layouts and other per-forward artefacts built once and reused by every layer."""
+    kept: Any = None
+    """Attention kernel outputs kept across activation-checkpoint recompute
+    (model.activations.KeptOutputs, set by the model when it checkpoints); None: the recompute
+    runs the kernels again."""

@@ -157,7 +157,7 @@ def background_layouts(cfg: AttentionConfig, ctx: AttnContext, plan: DCWPlan) ->
 
 def _local_part(cfg: AttentionConfig, ctx: AttnContext, plan: DCWPlan, q, k, v):
     """(out, lse) of the core / background layout: one layout, or one per head group."""
-    run = lambda q, k, v, lay: attend_layout(q, k, v, lay, None, cfg.impl, cfg.chunk_size)  # noqa: E731
+    run = lambda q, k, v, lay: attend_layout(q, k, v, lay, None, cfg.impl, cfg.chunk_size, ctx.kept)  # noqa: E731
     if not cfg.dcw_background_windows:
         return run(q, k, v, plan.local)
     G = len(cfg.dcw_background_windows)
@@ -200,7 +200,7 @@ class DCWAttention(nn.Module):
             from dcwdist.parallel.dcw_cp import dcw_cp_attention
             return dcw_cp_attention(self, q_BTHD, k_BTKD, v_BTKD, ctx, cfg)
         plan = dcw_plan(cfg, ctx)
-        run = lambda q, k, v, lay: attend_layout(q, k, v, lay, None, cfg.impl, cfg.chunk_size)  # noqa: E731
+        run = lambda q, k, v, lay: attend_layout(q, k, v, lay, None, cfg.impl, cfg.chunk_size, ctx.kept)  # noqa: E731
         bi = torch.arange(q_BTHD.shape[0], device=q_BTHD.device)[:, None]
         k_s, v_s = k_BTKD[bi, plan.strided_idx], v_BTKD[bi, plan.strided_idx]
         blk, pool = cfg.block_size, cfg.summary_pool

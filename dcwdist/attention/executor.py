@@ -20,13 +20,16 @@ _TINY = 1e-30
 
 def attend_layout(q_BTHD: torch.Tensor, k_BSKD: torch.Tensor, v_BSKD: torch.Tensor,
                   layout: BlockLayout, scale: Optional[float] = None, impl: str = "torch",
-                  chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of q over the keys `layout` allows; returns (out [B,Tq,H,D], lse [B,H,Tq])."""
+                  chunk_size: int = 1024, kept=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q over the keys `layout` allows; returns (out [B,Tq,H,D], lse [B,H,Tq]).
+
+    kept (AttnContext.kept): the kernel's outputs are kept from a checkpointed first forward and
+    reused by its recompute (the torch path has no kernel to skip and ignores it)."""
     scale = q_BTHD.shape[-1] ** -0.5 if scale is None else scale
     if impl == "triton":
         # Imported lazily: the kernel module needs triton and is written by the kernels owner.
         from dcwdist.kernels.block_sparse import block_sparse_attention
-        return block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, layout, scale)
+        return block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, layout, scale, kept=kept)
     if impl != "torch":
         raise ValueError(f"attention impl must be 'torch' or 'triton', got {impl!r}")
     return _attend_torch(q_BTHD, k_BSKD, v_BSKD, layout, scale, chunk_size)

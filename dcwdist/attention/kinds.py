@@ -71,7 +71,7 @@ def _run_local(cfg: AttentionConfig, q, k, v, ctx: AttnContext, row_kind: int, w
     T, pad = q.shape[1], (-q.shape[1]) % cfg.block_size
     if pad:  # the kernel tiles whole blocks: zero-pad (pads are doc -1, read by nothing)
         q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
-    out, _ = attend_layout(q, k, v, ctx.cache[key], None, cfg.impl, cfg.chunk_size)
+    out, _ = attend_layout(q, k, v, ctx.cache[key], None, cfg.impl, cfg.chunk_size, ctx.kept)
     return out[:, :T]
 
 
@@ -100,8 +100,9 @@ class StaticSparseAttention(AttentionKind):
         local, glob, idx = static_sparse_layouts(cfg, ctx)
         bi = torch.arange(q.shape[0], device=q.device)[:, None]
         out, _ = merge_partials([
-            attend_layout(q, k, v, local, None, cfg.impl, cfg.chunk_size),
-            attend_layout(q, k[bi, idx], v[bi, idx], glob, None, cfg.impl, cfg.chunk_size)])
+            attend_layout(q, k, v, local, None, cfg.impl, cfg.chunk_size, ctx.kept),
+            attend_layout(q, k[bi, idx], v[bi, idx], glob, None, cfg.impl, cfg.chunk_size,
+                          ctx.kept)])
         return out
 
 

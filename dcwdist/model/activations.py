@@ -8,10 +8,12 @@ Sequence Training, written for this model).
   last tile before it starts the one before), so fn's intermediates peak at [tile, F] instead
   of [B*T, F]. The same ops on row slices, so the result equals the untiled one.
 - `OffloadSaved` is a saved-tensor hook pair: every tensor autograd saves inside it with at least
-  `min_numel` elements (parameters excepted) is copied to host memory (pinned when it lives on a
-  GPU, so the copies are asynchronous on the current stream) and copied back when backward needs
-  it. Around checkpointed layers the only tensors autograd saves are the layers' inputs (the
-  RoPE tables passed beside them are smaller), so the device keeps no hidden state per layer.
+  `min_numel` elements (parameters excepted) is copied to host memory (pinned, on a side stream
+  when it lives on a GPU) and copied back, one layer ahead, when backward needs it. Around
+  checkpointed layers the only tensors autograd saves are the layers' inputs (the RoPE tables
+  passed beside them are smaller), so the device keeps no hidden state per layer.
+- `KeptOutputs` keeps the attention kernels' outputs from a checkpointed layer's forward, so the
+  recompute in backward does not run the attention forward again.
 - `LiveBytes` counts the bytes of tensor storage created inside it that are still alive (current
   and peak): the CPU stand-in for torch.cuda.max_memory_allocated in tests and
   benchmarks/activation_memory.py.
@@ -21,7 +23,7 @@ Legend: B batch, T tokens, D model dim, F MLP inner dim.
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -55,12 +57,14 @@ def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x_BTD: torch.Tensor,
 
 
 class _OnHost:
-    """A saved tensor moved to host memory, and the device it goes back to."""
+    """A saved tensor moved to host memory: the device it goes back to, its group (the layer
+    that saved it) and, on a GPU, the events of its copy out and of a prefetched copy back."""
 
-    __slots__ = ("device", "tensor")
+    __slots__ = ("device", "tensor", "group", "copied", "back", "back_ready")
 
-    def __init__(self, device: torch.device, tensor: torch.Tensor):
-        self.device, self.tensor = device, tensor
+    def __init__(self, device: torch.device, tensor: torch.Tensor, group: int):
+        self.device, self.tensor, self.group = device, tensor, group
+        self.copied = self.back = self.back_ready = None
 
 
 class OffloadSaved(torch.autograd.graph.saved_tensors_hooks):
@@ -68,34 +72,131 @@ class OffloadSaved(torch.autograd.graph.saved_tensors_hooks):
 
     Use it around checkpointed layers: inside a checkpoint the checkpoint's own hooks take the
     layer's activations (the innermost hooks win), so these hooks see only what is kept across
-    the checkpoint boundary, the layer's inputs. A tensor already on the host (a CPU run) stays
-    where it is, but still goes through the hooks and is counted. `offloaded_bytes` sums what was
-    packed; one instance may be entered many times (once per layer).
+    the checkpoint boundary, the layer's inputs (and, through `pack`, the attention outputs that
+    `KeptOutputs` holds). A tensor already on the host (a CPU run) stays where it is, but still
+    goes through the hooks and is counted. `offloaded_bytes` sums what was packed; one instance
+    may be entered many times (once per layer).
+
+    On a GPU the copies run on a side stream, so they overlap the compute: the copy out starts
+    when the tensor is saved (the caching allocator keeps the device memory until it is done),
+    and the copy back of a group (`begin_group`: the caller numbers the layers) is issued
+    together with the group before it, so layer i - 1's tensors travel while layer i's backward
+    runs. Backward visits groups in decreasing order, so at most two groups are on the device.
     """
 
     def __init__(self, min_numel: int):
         self.offloaded_bytes = 0
+        self.min_numel = min_numel
+        self._group = 0
+        self._by_group: dict[int, list[_OnHost]] = {}
+        self._stream: Optional[torch.cuda.Stream] = None
+        super().__init__(self.pack, self.unpack)
 
-        def pack(t: torch.Tensor):
-            if (t.numel() < min_numel or isinstance(t, nn.Parameter)
-                    or t.layout != torch.strided):
-                return t
-            self.offloaded_bytes += t.numel() * t.element_size()
-            if t.device.type == "cpu":
-                return _OnHost(t.device, t)
-            pin = t.device.type == "cuda"
-            host = torch.empty_like(t, device="cpu", pin_memory=pin)
-            host.copy_(t, non_blocking=pin)
-            return _OnHost(t.device, host)
+    def begin_group(self, group: int) -> None:
+        """Tensors packed from now on belong to `group` (a layer index; backward visits
+        groups in decreasing order)."""
+        self._group = group
 
-        def unpack(packed):
-            if not isinstance(packed, _OnHost):
-                return packed
-            if packed.device.type == "cpu":
-                return packed.tensor
-            return packed.tensor.to(packed.device, non_blocking=packed.tensor.is_pinned())
+    def pack(self, t: torch.Tensor):
+        if (t.numel() < self.min_numel or isinstance(t, nn.Parameter)
+                or t.layout != torch.strided):
+            return t
+        self.offloaded_bytes += t.numel() * t.element_size()
+        if t.device.type != "cuda":
+            return _OnHost(t.device, t, self._group)
+        stream = self._side_stream(t.device)
+        stream.wait_stream(torch.cuda.current_stream(t.device))
+        host = torch.empty_like(t, device="cpu", pin_memory=True)
+        with torch.cuda.stream(stream):
+            host.copy_(t, non_blocking=True)
+            packed = _OnHost(t.device, host, self._group)
+            packed.copied = torch.cuda.Event()
+            packed.copied.record(stream)
+        t.record_stream(stream)  # t's memory is not reused before the copy has read it
+        self._by_group.setdefault(self._group, []).append(packed)
+        return packed
 
-        super().__init__(pack, unpack)
+    def unpack(self, packed):
+        if not isinstance(packed, _OnHost):
+            return packed
+        if packed.device.type != "cuda":
+            return packed.tensor
+        for g in (packed.group, packed.group - 1):  # this group now, the one before ahead
+            for other in self._by_group.get(g, ()):
+                self._fetch(other)
+        self._fetch(packed)  # (a second unpack of one tensor fetches it again)
+        current = torch.cuda.current_stream(packed.device)
+        current.wait_event(packed.back_ready)
+        out, packed.back = packed.back, None
+        out.record_stream(current)  # allocated on the side stream, used (and freed) here
+        group = self._by_group.get(packed.group)
+        if group is not None:
+            group.remove(packed)
+            if not group:
+                del self._by_group[packed.group]
+        return out
+
+    def _fetch(self, packed: _OnHost) -> None:
+        if packed.back is not None:
+            return
+        stream = self._side_stream(packed.device)
+        with torch.cuda.stream(stream):
+            stream.wait_event(packed.copied)
+            packed.back = packed.tensor.to(packed.device, non_blocking=True)
+            packed.back_ready = torch.cuda.Event()
+            packed.back_ready.record(stream)
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
+
+
+class KeptOutputs:
+    """Attention kernel outputs kept from a checkpointed layer's forward for its recompute.
+
+    Activation checkpointing runs each layer's forward twice: once in forward, once inside
+    backward to rebuild what the layer's backward needs. The attention kernel's outputs (out
+    [B, T, H, E] and lse [B, H, T]) are small next to the work that makes them, so the first
+    forward keeps them here and the recompute rebuilds the kernel's autograd node around them
+    instead of running the kernel again (torchtitan's selective checkpointing saves SDPA's
+    outputs for the same reason). Cost: one [T, H*E] tensor per layer and kernel call (one
+    hidden state for the usual H*E = D); with `offload` it lives in host memory.
+
+    A layer calls `begin_layer(i)` before its attention; the kernel wrapper asks `recall()`
+    for its slot (the n-th kernel call of layer i). Recompute is told apart from the first
+    forward by running inside the autograd engine. Nothing is kept with gradients off.
+    """
+
+    def __init__(self, offload: Optional[OffloadSaved] = None):
+        self.offload = offload
+        self._kept: dict[tuple[int, int], tuple] = {}
+        self._layer, self._n = -1, 0
+
+    def begin_layer(self, layer: int) -> None:
+        self._layer, self._n = layer, 0
+
+    def recall(self) -> tuple[Optional[tuple[int, int]], Optional[tuple]]:
+        """(slot to `keep` under, None) in a first forward; (None, kept outputs) in the
+        recompute (outputs None when nothing was kept); (None, None) with gradients off."""
+        slot = (self._layer, self._n)
+        self._n += 1
+        if not torch.is_grad_enabled():
+            return None, None
+        if torch._C._current_graph_task_id() == -1:  # not inside backward: a first forward
+            return slot, None
+        packed = self._kept.pop(slot, None)
+        if packed is None:
+            return None, None
+        unpack = self.offload.unpack if self.offload is not None else (lambda t: t)
+        return None, tuple(unpack(p) for p in packed)
+
+    def keep(self, slot: tuple[int, int], *tensors: torch.Tensor) -> None:
+        pack = self.offload.pack if self.offload is not None else (lambda t: t)
+        self._kept[slot] = tuple(pack(t.detach()) for t in tensors)
+
+    def __len__(self) -> int:
+        return len(self._kept)
 
 
 class LiveBytes(TorchDispatchMode):

@@ -35,10 +35,18 @@ class ModelConfig:
     tiled_mlp: int = 0
     """Tokens per tile of the SwiGLU MLP, each tile recomputed in backward (ALST TiledMLP): the
     MLP's [tokens, ffn] intermediates peak at one tile; 0 = untiled."""
+    keep_attention_outputs: bool = True
+    """With activation_checkpointing: keep each attention kernel's output (and LSE) from the
+    forward so the recompute in backward skips the attention forward (torchtitan's selective
+    checkpointing saves SDPA outputs alike). Costs one [tokens, heads*head_dim] tensor per
+    layer (offloaded with offload_activations); the Triton path only."""
     offload_activations: bool = False
     """Keep what training saves between forward and backward at hidden-state size (each
     checkpointed layer's input, the final norm's input, the loss's hidden gradient) in host
     memory, pinned on GPU; needs activation_checkpointing."""
+    norm_impl: str = "auto"
+    """RMSNorm: torch (reference ops), triton (one fused kernel each way, kernels/rmsnorm.py) or
+    auto (triton on CUDA tensors, torch otherwise)."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights."""
     loss_chunk: int = 2048
@@ -58,6 +66,9 @@ class ModelConfig:
             raise ValueError(f"model.ffn_dim must be >= 0, got {self.ffn_dim}")
         if self.tiled_mlp < 0:
             raise ValueError(f"model.tiled_mlp must be >= 0 (0 = off), got {self.tiled_mlp}")
+        if self.norm_impl not in ("auto", "torch", "triton"):
+            raise ValueError(f"model.norm_impl must be one of auto, torch, triton; got "
+                             f"{self.norm_impl!r}")
         if self.offload_activations and not self.activation_checkpointing:
             raise ValueError("model.offload_activations moves the checkpointed layer inputs to "
                              "the host: set model.activation_checkpointing=true as well")

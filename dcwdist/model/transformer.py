@@ -12,22 +12,25 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dcwdist.attention import AttentionConfig, AttnContext, build_attention
-from dcwdist.model.activations import OffloadSaved, tiled
+from dcwdist.kernels.rmsnorm import rms_norm, rms_norm_reference
+from dcwdist.model.activations import KeptOutputs, OffloadSaved, tiled
 from dcwdist.model.config import ModelConfig
 from dcwdist.model.loss import chunked_cross_entropy_sum
 from dcwdist.model.rope import RopeConfig, apply_rope, rope_cos_sin
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMSNorm; impl (ModelConfig.norm_impl) picks the torch ops or the fused Triton kernel."""
+
+    def __init__(self, dim: int, eps: float, impl: str = "torch"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.impl = eps, impl
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        if self.impl == "triton" or (self.impl == "auto" and x.is_cuda):
+            return rms_norm(x, self.weight, self.eps)
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -75,12 +78,15 @@ class SelfAttention(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, attn_cfg: AttentionConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_impl)
         self.self_attn = SelfAttention(cfg, attn_cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_impl)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_hidden, cfg.tiled_mlp)
+        self.layer_idx = layer_idx
 
     def forward(self, x, cos, sin, ctx: AttnContext):
+        if ctx.kept is not None:  # the first forward and the recompute number kernel calls alike
+            ctx.kept.begin_layer(self.layer_idx)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -121,7 +127,7 @@ class Transformer(nn.Module):
         self.rope_cfg: RopeConfig = cfg.rope
         self.embed_tokens = VocabProjection(cfg.vocab_size, cfg.dim, cfg.loss_chunk)
         self.layers = nn.ModuleList(DecoderLayer(cfg, attn_cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_impl)
         self.lm_head = (None if cfg.tie_embeddings
                         else VocabProjection(cfg.vocab_size, cfg.dim, cfg.loss_chunk))
         self.segmenter = segmenter
@@ -159,7 +165,9 @@ class Transformer(nn.Module):
                     h = self.embed_tokens(tokens_BT)
         cos, sin = rope_cos_sin(self.rope_cfg, self.cfg.head_dim, ctx.positions, h.dtype)
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+        keep = ckpt and self.cfg.keep_attention_outputs
         if not (ckpt and self.cfg.offload_activations):
+            ctx.kept = KeptOutputs() if keep else None
             for layer in self.layers:
                 h = (checkpoint(layer, h, cos, sin, ctx, use_reentrant=False) if ckpt
                      else layer(h, cos, sin, ctx))
@@ -170,9 +178,12 @@ class Transformer(nn.Module):
         # final norm is checkpointed too so its input is all it keeps; the loss keeps its
         # gradient with respect to the hidden states (model/loss.py).
         offload = OffloadSaved(min_numel=h.numel())
+        ctx.kept = KeptOutputs(offload) if keep else None
         with offload:
-            for layer in self.layers:
+            for i, layer in enumerate(self.layers):
+                offload.begin_group(i)
                 h = checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
+            offload.begin_group(len(self.layers))
             h = checkpoint(self.norm, h, use_reentrant=False)
             out = h if labels_BT is None else self.loss_sum(h, labels_BT)
         ctx.cache["offloaded_bytes"] = offload.offloaded_bytes

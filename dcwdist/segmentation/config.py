@@ -32,6 +32,10 @@ class SegmentationConfig:
     """Scorer attention heads."""
     scorer_window: int = 128
     """Scorer's windowed attention span (keeps it O(n))."""
+    scorer_checkpointing: bool = True
+    """Recompute each scorer encoder layer in backward (training): the scorer keeps one [T,
+    scorer_dim] input per layer instead of ~20 (about 20 GiB at 1M tokens), for one more
+    forward of a model ~1% of the main one's FLOPs."""
     cap_slack: float = 1.0
     """causal mode: blocks of headroom the running cap allows above ratio * prefix blocks."""
     summary_source: Literal["tier", "content"] = "tier"

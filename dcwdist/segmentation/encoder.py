@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dcwdist.model.rope import RopeConfig, apply_rope, rope_cos_sin
 
@@ -72,9 +73,11 @@ class EncoderLayer(nn.Module):
 class WindowedEncoder(nn.Module):
     """`num_layers` layers of windowed attention; RoPE on positions within the document."""
 
-    def __init__(self, dim: int, heads: int, num_layers: int, window: int):
+    def __init__(self, dim: int, heads: int, num_layers: int, window: int,
+                 checkpointing: bool = False):
         super().__init__()
         self.window, self.head_dim = window, dim // heads
+        self.checkpointing = checkpointing
         self.layers = nn.ModuleList(EncoderLayer(dim, heads) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
         self.rope = RopeConfig()
@@ -89,6 +92,8 @@ class WindowedEncoder(nn.Module):
         positions = F.pad(positions_BT, (0, pad))
         k_idx, mask = window_mask(doc, key_ok, self.window, causal)
         cos, sin = rope_cos_sin(self.rope, self.head_dim, positions, x.dtype)
+        ckpt = self.checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin, k_idx, mask)
+            x = (checkpoint(layer, x, cos, sin, k_idx, mask, use_reentrant=False) if ckpt
+                 else layer(x, cos, sin, k_idx, mask))
         return self.norm(x)[:, :T]
