@@ -67,7 +67,11 @@ def tiny_cp_model(kind: str, seg_mode: str = "", blk: int = 8, vocab: int = 64, 
         seg = build_segmenter(SegmentationConfig(
             mode=seg_mode, scorer_layers=1, scorer_dim=16, scorer_heads=2, scorer_window=16,
             tau_core=0.5, tau_buffer=0.45, lambda_eff=0.5, eff_target=0.05), cfg.dim, attn)
-    model = Transformer(cfg, attn, seg).double()
+    return open_cross_tier(Transformer(cfg, attn, seg).double())
+
+
+def open_cross_tier(model):
+    """DCW's alpha (init 0) set to 0.5 in every layer, so the cross-tier path counts."""
     with torch.no_grad():
         for layer in model.layers:
             if hasattr(layer.self_attn.attn, "alpha"):

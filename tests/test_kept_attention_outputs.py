@@ -11,6 +11,7 @@ from dcwdist.attention import AttentionConfig, AttnContext
 from dcwdist.kernels import block_sparse
 from dcwdist.model import ModelConfig, Transformer
 from dcwdist.model.activations import KeptOutputs
+from tests.cp_helpers import open_cross_tier
 from tests.test_model_long_seq import batch as batch48
 
 pytestmark = pytest.mark.skipif(
@@ -32,12 +33,7 @@ def model(kind, **opts):
         seg = build_segmenter(SegmentationConfig(
             mode="causal", scorer_layers=1, scorer_dim=16, scorer_heads=2, scorer_window=16,
             tau_core=0.5, tau_buffer=0.45), cfg.dim, attn)
-    m = Transformer(cfg, attn, seg).train()
-    with torch.no_grad():
-        for layer in m.layers:
-            if hasattr(layer.self_attn.attn, "alpha"):
-                layer.self_attn.attn.alpha.fill_(0.5)
-    return m
+    return open_cross_tier(Transformer(cfg, attn, seg).train())
 
 
 def batch(B=2, T=64):
