@@ -531,7 +531,7 @@ def _run_built(row, shape, model, step, attn_call, extra, T, args, dev, profile,
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     batch = make_batch(T, shape["vocab_size"], dev)
     tune_at = getattr(args, "tune_at", 0)
-    if tune_at and T > tune_at:  # kernels tuned on a short step serve every length >= 32k
+    if tune_at and T > tune_at:  # compiles every tile on a short step; long rows tune again
         step(make_batch(tune_at, shape["vocab_size"], dev))
         row["tuned_at"] = tune_at
     row["warmup_steps"] = args.warmup  # 0: the timed step also pays first-step costs
@@ -568,6 +568,10 @@ def _run_built(row, shape, model, step, attn_call, extra, T, args, dev, profile,
         if impl.endswith("_offload") or (impl.startswith("dcwdist_") and args.offload_activations):
             row.update(host_pinned_stats())
     row.update(extra(T))
+    if impl.startswith("dcwdist"):  # which tile each kernel ran with, per tuning key
+        from dcwdist.kernels import _block_sparse_plan
+        row["kernel_configs"] = {str(k): list(v)
+                                 for k, v in _block_sparse_plan.tuned_configs().items()}
     matmul, attn_dense = model_flops(shape, T)
     computed = matmul + attn_dense
     if impl.startswith("dcwdist_dcw"):
@@ -671,9 +675,10 @@ def main():
                     help="dcwdist impls: model.offload_activations=true (checkpointed inputs "
                          "in pinned host memory)")
     ap.add_argument("--tune-at", type=int, default=0, metavar="T",
-                    help="one step at T tokens before each longer case: the kernels' tile "
-                         "tuning (shared by every length >= 32k) then happens there, so "
-                         "--warmup 0 at 1M+ times a tuned step")
+                    help="one step at T tokens before each longer case: every kernel tile "
+                         "compiles there; tuning runs again at the long length only for "
+                         "kernels whose rows fall in a new work bucket (mean entries per row, "
+                         "log4; kernels/block_sparse.py _tune_key)")
     ap.add_argument("--recompute-attention", action="store_true",
                     help="dcwdist impls: model.keep_attention_outputs=false (the checkpoint "
                          "recompute runs the attention forward again)")

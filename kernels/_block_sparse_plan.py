@@ -12,8 +12,9 @@ and dropped with the layout: layouts are treated as immutable.
 """
 from __future__ import annotations
 
+import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -33,13 +34,16 @@ class EntryCSR:
     blk: torch.Tensor
     """int32 [nnz] key block (forward) or query block (transposed)."""
     lo: torch.Tensor
-    """int32 [nnz] smallest allowed delta."""
+    """int32 [nnz] smallest allowed delta ([nnz, span] in a key-spanning CSR: one per key
+    block of the entry's tile, _BIG where that block has no entry)."""
     hi: torch.Tensor
-    """int32 [nnz] first disallowed delta."""
+    """int32 [nnz] first disallowed delta ([nnz, span] likewise, -_BIG where absent)."""
     flag: torch.Tensor
     """int32 [nnz] FLAG_MASK | FLAG_DOC."""
     order: torch.Tensor
     """int32 [R] rows, longest first (launch order)."""
+    row_bucket: int = 0
+    """floor(log4) of the mean entries per non-empty row: part of the kernels' tuning key."""
 
 
 @dataclass
@@ -61,6 +65,8 @@ class KernelPlan:
     k_block: int
     interpret: bool
     """Not on CUDA, so Triton runs interpreted: no tuning, small tiles."""
+    spans: dict = field(default_factory=dict)
+    """span -> the transposed CSR over tiles of `span` adjacent key blocks (spanned_bwd)."""
 
 
 _PLANS: dict[int, tuple[weakref.ref, dict[str, KernelPlan]]] = {}
@@ -121,7 +127,10 @@ def _csr(indptr, rows, blk, lo, hi, flag) -> EntryCSR:
     perm = torch.argsort(rows * 2 + masked.long(), stable=True)
     unmasked_per_row = torch.zeros_like(counts).index_add_(0, rows, (~masked).long())
     order = torch.argsort(counts, descending=True, stable=True)
-    return EntryCSR(indptr=indptr.int().contiguous(),
+    busy = int((counts > 0).sum())
+    mean = blk.numel() / max(busy, 1)
+    return EntryCSR(row_bucket=int(math.log(max(mean, 1.0), 4)),
+                    indptr=indptr.int().contiguous(),
                     split=(indptr[:-1] + unmasked_per_row).int().contiguous(),
                     blk=blk[perm].int().contiguous(), lo=lo[perm].contiguous(),
                     hi=hi[perm].contiguous(), flag=flag[perm].contiguous(),
@@ -163,6 +172,47 @@ def _build(layout: BlockLayout) -> KernelPlan:
         interpret=layout.indptr.device.type != "cuda")
 
 
+def spanned_bwd(plan: KernelPlan, span: int) -> EntryCSR:
+    """The transposed CSR with each column widened to `span` adjacent key blocks of one group.
+
+    With 64-token layout blocks a dK/dV program holds only 64 keys, so each query tile it loads
+    serves 64 keys; FlashAttention-2's backward holds 128. A spanning program holds key blocks
+    [j * span, (j + 1) * span) and walks the union of their columns; an entry keeps each key
+    block's own delta bounds (lo/hi [nnz, span]), and a key block missing from it gets an empty
+    range, so its pairs are masked. An entry is unmasked only when every block is present and
+    unmasked. num_k_blocks must be a multiple of span. Built once per span, kept on the plan.
+    """
+    hit = plan.spans.get(span)
+    if hit is not None:
+        return hit
+    t, NK = plan.bwd, plan.num_k_blocks
+    if span < 2 or NK % span:
+        raise ValueError(f"span {span} must be >= 2 and divide num_k_blocks={NK}")
+    NQ, NS = plan.num_q_blocks, NK // span
+    dev = t.indptr.device
+    R = t.indptr.numel() - 1  # B * G * NK columns
+    col = torch.repeat_interleave(torch.arange(R, device=dev), (t.indptr[1:] - t.indptr[:-1]).long())
+    sup = (col // NK) * NS + (col % NK) // span  # spanning column of the entry
+    sub = (col % NK) % span  # its key block inside the span
+    key = sup * NQ + t.blk.long()
+    uniq, inv = torch.unique(key, return_inverse=True)  # sorted: by spanning column, then q block
+    U = uniq.numel()
+    lo = torch.full((U, span), _BIG, dtype=torch.int32, device=dev)
+    hi = torch.full((U, span), -_BIG, dtype=torch.int32, device=dev)
+    lo[inv, sub] = t.lo
+    hi[inv, sub] = t.hi
+    present = torch.bincount(inv, minlength=U)
+    flag = torch.zeros(U, dtype=torch.int32, device=dev).scatter_reduce(
+        0, inv, t.flag, "amax", include_self=True)
+    flag = torch.where(present < span, flag | FLAG_MASK, flag)
+    rows = uniq // NQ
+    indptr = torch.zeros(R // span + 1, dtype=torch.long, device=dev)
+    indptr[1:] = torch.bincount(rows, minlength=R // span).cumsum(0)
+    csr = _csr(indptr, rows, uniq % NQ, lo, hi, flag)
+    plan.spans[span] = csr
+    return csr
+
+
 def sub_tiles(block: int, tile: int) -> int:
     """Tiles of `tile` tokens one layout block spans (1 when the block is padded into a tile)."""
     return max(block // tile, 1)
@@ -173,12 +223,13 @@ AUTOTUNE = True
 """Time every fitting config once per key on CUDA; False: take the first (tests: fewer compiles)."""
 
 
-def launch_tuned(kernel, key: tuple, configs: list, grid: Callable[[tuple], tuple], args: tuple,
+def launch_tuned(kernel, key: tuple, configs: list, grid: Callable[[tuple], tuple], args,
                  consts: dict, before: Optional[Callable[[], object]] = None) -> None:
     """Launch `kernel` with the fastest of `configs` (BLOCK_M, BLOCK_N, warps, stages) for `key`.
 
-    Timed once per key with triton.testing.do_bench (every kernel here only stores its outputs,
-    so re-running it is harmless); a single candidate, or the interpreter, skips timing.
+    args: a tuple, or a function of the config (a config may walk another CSR). Timed once per
+    key (_time_ms; every kernel here only stores its outputs, so re-running it is harmless); a
+    single candidate, or the interpreter, skips timing.
     """
     if not configs:
         raise ValueError(f"no kernel tile fits layout blocks for {key}")
@@ -187,8 +238,8 @@ def launch_tuned(kernel, key: tuple, configs: list, grid: Callable[[tuple], tupl
         bm, bn, warps, stages = cfg
         if before is not None:  # e.g. zero an atomic accumulator: every run starts clean
             before()
-        kernel[grid(cfg)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                          num_stages=stages)
+        kernel[grid(cfg)](*(args(cfg) if callable(args) else args), **consts, BLOCK_M=bm,
+                          BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
     best = _TUNED.get(key)
     if best is None:

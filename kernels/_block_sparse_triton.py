@@ -266,7 +266,7 @@ def _dkdv_inner(dk, dv, k, v, kp, kd, q_base, do_base, lse_base, delta_base, qpo
                 Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
                 PAD_M: tl.constexpr, PAD_N: tl.constexpr, MASKED: tl.constexpr,
-                HAS_DOC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                HAS_DOC: tl.constexpr, ATOMIC_DQ: tl.constexpr, SPAN: tl.constexpr):
     tile_m = tl.arange(0, BLOCK_M)
     tile_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -291,8 +291,14 @@ def _dkdv_inner(dk, dv, k, v, kp, kd, q_base, do_base, lse_base, delta_base, qpo
         if MASKED:
             qp, qd = _tok_meta(qpos_base, qdoc_base, m_start, tile_m, tile_m < Q_BLOCK, -2,
                                HAS_DOC)
-            ok = _allowed(qp, kp, qd, kd, tl.load(ent_lo + e), tl.load(ent_hi + e), HAS_DOC,
-                          True)
+            if SPAN > 1:  # each key block of the tile has its own bounds: [N, 1]
+                blk_of = e * SPAN + tile_n // K_BLOCK
+                lo = tl.load(ent_lo + blk_of)[:, None]
+                hi = tl.load(ent_hi + blk_of)[:, None]
+            else:
+                lo = tl.load(ent_lo + e)
+                hi = tl.load(ent_hi + e)
+            ok = _allowed(qp, kp, qd, kd, lo, hi, HAS_DOC, True)
             p_t = tl.where(ok, p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
@@ -322,11 +328,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQACC, LSE, DELTA, col_order, indptr, 
     One program owns a key tile of one kv head and sums over the KV_RATIO query heads sharing
     it (GQA), so every dK/dV element has one writer: no atomics. With ATOMIC_DQ it also adds
     its dS K into the fp32 DQACC (Q's strides) with atomics: faster, not bit-deterministic.
+    A tile wider than a key block of >= 16 tokens spans SPAN adjacent blocks and walks the
+    spanning CSR (_block_sparse_plan.spanned_bwd; NK counts spanning columns then).
     """
     SUB_M: tl.constexpr = Q_BLOCK // BLOCK_M if Q_BLOCK >= BLOCK_M else 1
     SUB_N: tl.constexpr = K_BLOCK // BLOCK_N if K_BLOCK >= BLOCK_N else 1
     PAD_M: tl.constexpr = Q_BLOCK < BLOCK_M
-    PAD_N: tl.constexpr = K_BLOCK < BLOCK_N
+    SPAN: tl.constexpr = (BLOCK_N // K_BLOCK if K_BLOCK >= 16 else 1) if K_BLOCK < BLOCK_N else 1
+    PAD_N: tl.constexpr = (SPAN == 1) if K_BLOCK < BLOCK_N else False
+    KEY_TILE: tl.constexpr = K_BLOCK * SPAN  # key tokens of one spanning column
     pid = tl.program_id(0)
     t = pid // KPG
     c = tl.load(col_order + t // SUB_N)
@@ -335,8 +345,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQACC, LSE, DELTA, col_order, indptr, 
     hk = (bg % G) * KPG + pid % KPG
     tile_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    n_start = (c % NK) * K_BLOCK + (t % SUB_N) * BLOCK_N
-    col_ok = tile_n < K_BLOCK
+    n_start = (c % NK) * KEY_TILE + (t % SUB_N) * BLOCK_N
+    col_ok = tile_n < KEY_TILE
     k = _load_tile(_tile_ptrs(K + b64 * s_kb + hk * s_kh, n_start, s_kt, tile_n, offs_d), tile_n,
                    K_BLOCK, PAD_N)
     v = _load_tile(_tile_ptrs(V + b64 * s_vb + hk * s_vh, n_start, s_vt, tile_n, offs_d), tile_n,
@@ -361,12 +371,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQACC, LSE, DELTA, col_order, indptr, 
                              qpos_base, qdoc_base, dq_base, ent_blk, ent_lo, ent_hi,
                              start * SUB_M, mid * SUB_M, s_qt, s_dt, qk_scale, scale, Q_BLOCK,
                              K_BLOCK, HEAD_DIM, BLOCK_M, BLOCK_N, SUB_M, PAD_M, PAD_N, False,
-                             HAS_DOC, ATOMIC_DQ)
+                             HAS_DOC, ATOMIC_DQ, SPAN)
         dk, dv = _dkdv_inner(dk, dv, k, v, kp, kd, q_base, do_base, lse_base, delta_base,
                              qpos_base, qdoc_base, dq_base, ent_blk, ent_lo, ent_hi,
                              mid * SUB_M, end * SUB_M, s_qt, s_dt, qk_scale, scale, Q_BLOCK,
                              K_BLOCK, HEAD_DIM, BLOCK_M, BLOCK_N, SUB_M, PAD_M, PAD_N, True,
-                             HAS_DOC, ATOMIC_DQ)
+                             HAS_DOC, ATOMIC_DQ, SPAN)
     dk = dk * scale
     dk_ptrs = _tile_ptrs(DK + b64 * s_kb + hk * s_kh, n_start, s_kt, tile_n, offs_d)
     dv_ptrs = _tile_ptrs(DV + b64 * s_vb + hk * s_vh, n_start, s_vt, tile_n, offs_d)

@@ -10,8 +10,8 @@ partial softmaxes over disjoint key sets merged by LSE (executor.merge_partials)
 gradients. Rows with no visible key give out 0, lse -inf and zero (finite) gradients.
 fp16 / bf16 / fp32 inputs, fp32 accumulation (fp32 dots run as tf32 on GPU tensor cores).
 Forward and dQ walk the layout's CSR; dK/dV walk its transpose, one writer per dK/dV tile, no
-atomics. Kernels are in _block_sparse_triton.py; plan preparation and tuning in
-_block_sparse_plan.py.
+atomics (a dK/dV tile may span adjacent key blocks, walking the union of their columns).
+Kernels are in _block_sparse_triton.py; plan preparation and tuning in _block_sparse_plan.py.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 from dcwdist.attention.layout import BlockLayout
 from dcwdist.kernels import _block_sparse_triton as _k
 from dcwdist.kernels._block_sparse_plan import (KernelPlan, kernel_plan, launch_tuned,
-                                                sub_tiles)
+                                                spanned_bwd, sub_tiles)
 
 __all__ = ["block_sparse_attention", "block_sparse_attention_reference"]
 
@@ -32,14 +32,26 @@ _TINY = 1e-30
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first that fits the layout blocks is used when
 # not tuning (interpreter); on GPU every fitting one is timed once per problem class.
-# Candidates checked offline with ptxas -v for sm_90a at D=128 (bf16): none of the first four of
-# each list spills. The small tiles only serve small layout blocks.
+# Registers and spills: `python benchmarks/kernel_registers.py` (ptxas -v, sm_90a, triton 3.7).
+# At D=128 the first dK/dV tiles spill a little (0-48 bytes). The *_SMALL_D lists join at head
+# dim <= 64 (the 100M and 1B models, 64-token layout blocks): 4-warp 64x64 tiles and 3 stages,
+# no spills at D=64. A dK/dV key tile wider than the key block spans adjacent blocks (key_span):
+# so with 64-token blocks the 32x128 / 64x128 dK/dV tiles (193-203 registers at D=64, no spills)
+# apply too; before, a 64-block layout had only 64-key dK/dV tiles, each loaded query tile
+# serving half the keys it serves in FlashAttention-2's 128-key backward. Tiles under 32 rows
+# only serve layout blocks under 32 tokens.
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3),
                 (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)]
 _DQ_CONFIGS = [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2),
                (32, 32, 4, 2), (16, 16, 4, 2)]
 _DKDV_CONFIGS = [(32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 8, 2),
                  (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)]
+_FWD_CONFIGS_SMALL_D = [(64, 64, 4, 2), (64, 64, 8, 3), (64, 32, 4, 3)]
+_DQ_CONFIGS_SMALL_D = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3)]
+_DKDV_CONFIGS_SMALL_D = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3),
+                         (64, 32, 4, 3)]
+_SMALL_D = {id(_FWD_CONFIGS): _FWD_CONFIGS_SMALL_D, id(_DQ_CONFIGS): _DQ_CONFIGS_SMALL_D,
+            id(_DKDV_CONFIGS): _DKDV_CONFIGS_SMALL_D}
 _CPU_CONFIGS = [(32, 32, 4, 1), (16, 16, 4, 1)]
 
 
@@ -118,26 +130,47 @@ def _check(q, k, v, layout: BlockLayout) -> None:
             raise ValueError(f"layout.{name}={blk}: must be below 16 or a multiple of 16")
 
 
-def _fits(cfg, q_block: int, k_block: int) -> bool:
+def key_span(cfg, k_block: int) -> int:
+    """Adjacent key blocks one dK/dV tile of cfg spans (1: the tile fits in a block, or pads a
+    block under 16 tokens)."""
+    return cfg[1] // k_block if cfg[1] > k_block >= 16 else 1
+
+
+def _fits(cfg, q_block: int, k_block: int, num_k_blocks: int = 0) -> bool:
+    """cfg's tiles fit the layout blocks; num_k_blocks > 0 (dK/dV only) also lets a key tile
+    span whole adjacent key blocks when their count divides num_k_blocks."""
     bm, bn = cfg[0], cfg[1]
     ok_m = q_block % bm == 0 or (q_block < 16 and bm == 16)
     ok_n = k_block % bn == 0 or (k_block < 16 and bn == 16)
+    span = key_span(cfg, k_block)
+    if num_k_blocks and span > 1:
+        ok_n = bn % k_block == 0 and num_k_blocks % span == 0
     return ok_m and ok_n
 
 
-def _configs(table, plan: KernelPlan):
-    fitting = [c for c in (_CPU_CONFIGS if plan.interpret else table)
-               if _fits(c, plan.q_block, plan.k_block)]
-    return fitting[:1] if plan.interpret else fitting
+def _configs(table, plan: KernelPlan, head_dim: int, span_keys: bool = False):
+    nk = plan.num_k_blocks if span_keys else 0
+    if plan.interpret:
+        return [c for c in _CPU_CONFIGS if _fits(c, plan.q_block, plan.k_block, nk)][:1]
+    if head_dim <= 64:
+        table = table + _SMALL_D[id(table)]
+    small = min(plan.q_block, plan.k_block) < 32
+    return [c for c in table if _fits(c, plan.q_block, plan.k_block, nk)
+            and (small or min(c[0], c[1]) >= 32)]
 
 
 def _lastdim_contig(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _tune_key(name, q, plan: KernelPlan):
+def _tune_key(name, q, plan: KernelPlan, csr):
+    """The problem class a tuned config serves: besides dtype, head dim and blocks, the length
+    (log2, capped at 32k) and the CSR's mean entries per non-empty row (log4): the work one
+    program does. Lengths >= 32k shared one key before, so a 1M step ran the tiles tuned on 32k,
+    where rows are ~30x shorter."""
     bucket = min(int(math.log2(max(q.shape[1], 1))), 15)
-    return (name, q.dtype, q.shape[-1], plan.q_block, plan.k_block, plan.has_doc, bucket)
+    return (name, q.dtype, q.shape[-1], plan.q_block, plan.k_block, plan.has_doc, bucket,
+            csr.row_bucket)
 
 
 def _forward(q, k, v, plan: KernelPlan, scale: float):
@@ -153,7 +186,8 @@ def _forward(q, k, v, plan: KernelPlan, scale: float):
             H, Tq, Tk, G, plan.num_q_blocks, H // G, H // Hkv, scale * _LOG2E)
     consts = dict(Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, HEAD_DIM=D, HAS_DOC=plan.has_doc)
     rows = B * H * plan.num_q_blocks
-    launch_tuned(_k._fwd_kernel, _tune_key("fwd", q, plan), _configs(_FWD_CONFIGS, plan),
+    launch_tuned(_k._fwd_kernel, _tune_key("fwd", q, plan, plan.fwd),
+                 _configs(_FWD_CONFIGS, plan, D),
                  lambda cfg: (rows * sub_tiles(plan.q_block, cfg[0]),), args, consts)
     return out, lse
 
@@ -180,22 +214,33 @@ def _backward(q, k, v, out, lse, dout, dlse, plan: KernelPlan, scale: float,
     rows = B * H * plan.num_q_blocks
     dq_acc = dq  # read by the dK/dV kernel only when it adds dQ atomically
     if deterministic:
-        launch_tuned(_k._bwd_dq_kernel, _tune_key("dq", q, plan), _configs(_DQ_CONFIGS, plan),
+        launch_tuned(_k._bwd_dq_kernel, _tune_key("dq", q, plan, c),
+                     _configs(_DQ_CONFIGS, plan, D),
                      lambda cfg: (rows * sub_tiles(plan.q_block, cfg[0]),),
                      (q, k, v, dout, dq, lse, delta, c.order, c.indptr, c.split, c.blk, c.lo,
                       c.hi, *common, H, Tq, Tk, G, plan.num_q_blocks, H // G, H // Hkv,
                       scale * _LOG2E, scale), consts)
     else:
         dq_acc = torch.empty_strided(q.shape, q.stride(), dtype=torch.float32, device=q.device)
-    t = plan.bwd
-    cols = B * Hkv * plan.num_k_blocks
+
+    def csr(cfg):  # a key tile spanning several layout blocks walks the spanning CSR
+        span = key_span(cfg, plan.k_block)
+        return (plan.bwd if span == 1 else spanned_bwd(plan, span)), span
+
+    def grid(cfg):
+        span = key_span(cfg, plan.k_block)
+        return (B * Hkv * (plan.num_k_blocks // span) * sub_tiles(plan.k_block, cfg[1]),)
+
+    def args(cfg):
+        t, span = csr(cfg)
+        return (q, k, v, dout, dk, dv, dq_acc, lse, delta, t.order, t.indptr, t.split, t.blk,
+                t.lo, t.hi, *common, H, Tq, Tk, G, plan.num_k_blocks // span, Hkv // G,
+                H // Hkv, scale * _LOG2E, scale)
+
     launch_tuned(_k._bwd_dkdv_kernel,
-                 _tune_key("dkdv" if deterministic else "dkdv_atomic_dq", q, plan),
-                 _configs(_DKDV_CONFIGS, plan),
-                 lambda cfg: (cols * sub_tiles(plan.k_block, cfg[1]),),
-                 (q, k, v, dout, dk, dv, dq_acc, lse, delta, t.order, t.indptr, t.split, t.blk,
-                  t.lo, t.hi, *common, H, Tq, Tk, G, plan.num_k_blocks, Hkv // G, H // Hkv,
-                  scale * _LOG2E, scale), dict(consts, ATOMIC_DQ=not deterministic),
+                 _tune_key("dkdv" if deterministic else "dkdv_atomic_dq", q, plan, plan.bwd),
+                 _configs(_DKDV_CONFIGS, plan, D, span_keys=True), grid, args,
+                 dict(consts, ATOMIC_DQ=not deterministic),
                  before=None if deterministic else dq_acc.zero_)
     if not deterministic:
         dq.copy_(dq_acc)

@@ -232,6 +232,62 @@ def test_atomic_dq_matches_reference(name):
     check(lay, H, Hkv, gather, torch.float32, deterministic=False)
 
 
+SPAN_CASES = [("causal_b16_gqa", 2), ("window_24_b16", 2), ("strided_far16_b16_gqa", 2),
+              ("topk_G_eq_Hkv", 2), ("random_q32_k16_G2", 2), ("all_masked_rows", 2),
+              ("window_64_b32_docs", 2), ("random_q16_k32_batch2", 2), ("random_q16_k16", 4),
+              ("causal_b16_gqa", 4)]
+
+
+@pytest.mark.parametrize("name,span", SPAN_CASES)
+def test_dkdv_tiles_spanning_adjacent_key_blocks_match_reference(name, span, monkeypatch):
+    """A dK/dV tile over `span` adjacent key blocks walks the union of their columns, each block
+    with its own bounds and a missing block masked: the same gradients as the reference."""
+    from dcwdist.kernels import block_sparse as bs
+    lay, H, Hkv, gather = CASES[name]()
+    cfg = (16, span * lay.k_block, 4, 1)
+    assert bs._fits(cfg, lay.q_block, lay.k_block, lay.num_k_blocks)
+    monkeypatch.setattr(bs, "_CPU_CONFIGS", [cfg] + bs._CPU_CONFIGS)
+    monkeypatch.setattr(_block_sparse_plan, "_TUNED", {})  # no tile chosen by an earlier test
+    check(lay, H, Hkv, gather, torch.float32)
+    chosen = [c for key, c in _block_sparse_plan._TUNED.items() if key[0] == "dkdv"]
+    assert chosen == [cfg]
+
+
+@pytest.mark.parametrize("name", ["causal_b16_gqa", "random_q16_k32_batch2"])
+def test_spanning_dkdv_with_atomic_dq_matches_reference(name, monkeypatch):
+    from dcwdist.kernels import block_sparse as bs
+    lay, H, Hkv, gather = CASES[name]()
+    monkeypatch.setattr(bs, "_CPU_CONFIGS", [(16, 2 * lay.k_block, 4, 1)] + bs._CPU_CONFIGS)
+    monkeypatch.setattr(_block_sparse_plan, "_TUNED", {})
+    check(lay, H, Hkv, gather, torch.float32, deterministic=False)
+
+
+def test_spanned_csr_is_the_union_of_its_blocks_columns():
+    """Each spanning column lists every query block that any of its key blocks lists, once;
+    entries are unmasked only when all blocks are present and unmasked."""
+    from dcwdist.kernels._block_sparse_plan import FLAG_MASK, kernel_plan, spanned_bwd
+    lay, _, _, _ = CASES["random_q16_k16"]()
+    plan = kernel_plan(lay, torch.device("cpu"))
+    sp = spanned_bwd(plan, 2)
+    assert spanned_bwd(plan, 2) is sp  # built once
+    t, NK = plan.bwd, plan.num_k_blocks
+
+    def column(csr, c):
+        a, b = int(csr.indptr[c]), int(csr.indptr[c + 1])
+        return csr.blk[a:b].tolist(), int(csr.split[c]) - a
+
+    for j in range(NK // 2):
+        want = sorted(set(column(t, 2 * j)[0]) | set(column(t, 2 * j + 1)[0]))
+        got, n_unmasked = column(sp, j)
+        assert sorted(got) == want and len(got) == len(set(got))
+        both = set(column(t, 2 * j)[0][:column(t, 2 * j)[1]]) & set(
+            column(t, 2 * j + 1)[0][:column(t, 2 * j + 1)[1]])
+        assert set(got[:n_unmasked]) == both
+    with pytest.raises(ValueError, match="divide"):
+        spanned_bwd(plan, 3)
+    assert int((sp.flag[: int(sp.split[0])] & FLAG_MASK).sum()) == 0
+
+
 def test_empty_rows_give_zero_and_minus_inf():
     lay, H, Hkv, _ = case_all_masked(1, 16, 2)
     out, lse = check(lay, H, Hkv, None, torch.float32, scale=0.3)

@@ -36,10 +36,13 @@ from dcwdist.segmentation.encoder import WindowedEncoder
 
 
 class _SortedGather(torch.autograd.Function):
-    """src[idx] for a nondecreasing idx. Backward sums each run of equal indices from one
-    cumsum of the gradient instead of autograd's index backward, which accumulates every token's
-    row into the few instruction rows with atomics (fp64 here: 9% of a 128k training step of
-    the 100M model on an H100, benchmarks/results/train_step_h100.md)."""
+    """src[idx] for a nondecreasing idx. Backward sums each run of equal indices as a difference
+    of prefix sums of the gradient instead of autograd's index backward, which accumulates every
+    token's row into the few instruction rows with atomics (9% of a 128k training step of the
+    100M model on an H100, benchmarks/results/train_step_h100.md). The prefix sums run in fp32
+    within chunks of _CHUNK rows plus fp64 carries between chunks (_prefix_sums_at): one fp32
+    prefix over 1M rows would bury a short run under the rounding of everything before it, and
+    an fp64 cumsum over the whole [T, D] gradient was still 6% of that step."""
 
     @staticmethod
     def forward(ctx, src, idx):
@@ -53,11 +56,26 @@ class _SortedGather(torch.autograd.Function):
         last = torch.ones_like(idx, dtype=torch.bool)
         last[:-1] = idx[1:] != idx[:-1]
         ends = last.nonzero().squeeze(1)  # the last position of each run
-        total = grad.cumsum(0)[ends]
+        total = _prefix_sums_at(grad, ends)
         total = torch.cat([total[:1], total[1:] - total[:-1]])
         out = grad.new_zeros(ctx.rows, *grad.shape[1:])
-        out[idx[ends]] = total  # one writer per row
+        out[idx[ends]] = total.to(grad.dtype)  # one writer per row
         return out, None
+
+
+_CHUNK = 1024
+
+
+def _prefix_sums_at(x: torch.Tensor, pos: torch.Tensor, chunk: int = _CHUNK) -> torch.Tensor:
+    """Inclusive prefix sums of x [N, ...] along dim 0 at rows pos [R], in fp64: an fp32 (or
+    x's, if wider) cumsum inside chunks of `chunk` rows plus the fp64 sum of whole chunks before."""
+    N = x.shape[0]
+    flat = x.reshape(N, -1).to(torch.promote_types(x.dtype, torch.float32))
+    flat = torch.nn.functional.pad(flat, (0, 0, 0, (-N) % chunk))
+    local = flat.view(-1, chunk, flat.shape[1]).cumsum(1)
+    carry = torch.nn.functional.pad(local[:, -1].double().cumsum(0), (0, 0, 1, 0))
+    at = local.view(-1, flat.shape[1])[pos].double() + carry[pos // chunk]
+    return at.view(pos.shape[0], *x.shape[1:])
 
 
 def pool_instruction(h_BTD: torch.Tensor, doc_BT: torch.Tensor, instr_BT: torch.Tensor,
@@ -98,8 +116,8 @@ def pool_instruction(h_BTD: torch.Tensor, doc_BT: torch.Tensor, instr_BT: torch.
     last = torch.where(sel, flat, -1).cummax(0).values
     has = (last >= 0) & (gid[last.clamp_min(0)] == gid) & (gid >= 0)
     k = (sel.long().cumsum(0) - 1)[last.clamp_min(0)].clamp_min(0)
-    r = _SortedGather.apply(run, k)  # k is nondecreasing: last and the count are cumulative
-    e = (r[:, :D] / r[:, D:].clamp_min(1)).float()
+    mean = (run[:, :D] / run[:, D:].clamp_min(1)).float()  # per instruction token, [n, D]
+    e = _SortedGather.apply(mean, k)  # k is nondecreasing: last and the count are cumulative
     return e.view(B, T, D), has.view(B, T)
 
 
