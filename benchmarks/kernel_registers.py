@@ -111,8 +111,9 @@ def main(argv=None) -> int:
         for D in (int(x) for x in args.head_dims.split(",")):
             for blk in (int(x) for x in args.blocks.split(",")):
                 for cfg in given or configs:
-                    span_nk = 1 << 10 if name.startswith("dkdv") else 0  # dK/dV may span
-                    if not bs._fits(cfg, blk, blk, span_nk):
+                    dkdv = name.startswith("dkdv")  # which side's tile may span blocks
+                    if not bs._fits(cfg, blk, blk, 0 if dkdv else 1 << 10,
+                                    1 << 10 if dkdv else 0):
                         continue
                     consts = dict(Q_BLOCK=blk, K_BLOCK=blk, HEAD_DIM=D, HAS_DOC=True, **extra)
                     row = {"kernel": name, "head_dim": D, "block": blk, "config": list(cfg),

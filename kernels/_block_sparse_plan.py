@@ -66,7 +66,7 @@ class KernelPlan:
     interpret: bool
     """Not on CUDA, so Triton runs interpreted: no tuning, small tiles."""
     spans: dict = field(default_factory=dict)
-    """span -> the transposed CSR over tiles of `span` adjacent key blocks (spanned_bwd)."""
+    """(side, span) -> a CSR over tiles of `span` adjacent blocks (spanned_csr)."""
 
 
 _PLANS: dict[int, tuple[weakref.ref, dict[str, KernelPlan]]] = {}
@@ -172,30 +172,35 @@ def _build(layout: BlockLayout) -> KernelPlan:
         interpret=layout.indptr.device.type != "cuda")
 
 
-def spanned_bwd(plan: KernelPlan, span: int) -> EntryCSR:
-    """The transposed CSR with each column widened to `span` adjacent key blocks of one group.
+def spanned_csr(plan: KernelPlan, side: str, span: int) -> EntryCSR:
+    """plan.fwd (side "fwd": rows are query blocks) or plan.bwd ("bwd": rows are key blocks)
+    with each row widened to `span` adjacent blocks of one group.
 
-    With 64-token layout blocks a dK/dV program holds only 64 keys, so each query tile it loads
-    serves 64 keys; FlashAttention-2's backward holds 128. A spanning program holds key blocks
-    [j * span, (j + 1) * span) and walks the union of their columns; an entry keeps each key
-    block's own delta bounds (lo/hi [nnz, span]), and a key block missing from it gets an empty
-    range, so its pairs are masked. An entry is unmasked only when every block is present and
-    unmasked. num_k_blocks must be a multiple of span. Built once per span, kept on the plan.
+    With 64-token layout blocks a program's tile holds 64 rows, so each tile of the other side
+    it loads serves 64 rows; FlashAttention-2 holds 128 queries in its forward and 128 keys in
+    its dK/dV pass. A spanning program holds blocks [j * span, (j + 1) * span) and walks the
+    union of their rows; an entry keeps each block's own delta bounds (lo/hi [nnz, span]), and
+    a block missing from it gets an empty range, so its pairs are masked. An entry is unmasked
+    only when every block is present and unmasked. The row count per group must be a multiple
+    of span. Built once per (side, span), kept on the plan.
     """
-    hit = plan.spans.get(span)
+    hit = plan.spans.get((side, span))
     if hit is not None:
         return hit
-    t, NK = plan.bwd, plan.num_k_blocks
-    if span < 2 or NK % span:
-        raise ValueError(f"span {span} must be >= 2 and divide num_k_blocks={NK}")
-    NQ, NS = plan.num_q_blocks, NK // span
+    t, n_rows, n_other = ((plan.fwd, plan.num_q_blocks, plan.num_k_blocks) if side == "fwd"
+                          else (plan.bwd, plan.num_k_blocks, plan.num_q_blocks))
+    if span < 2 or n_rows % span:
+        raise ValueError(f"span {span} must be >= 2 and divide the {n_rows} blocks of a row "
+                         f"group ({side})")
+    NS = n_rows // span
     dev = t.indptr.device
-    R = t.indptr.numel() - 1  # B * G * NK columns
-    col = torch.repeat_interleave(torch.arange(R, device=dev), (t.indptr[1:] - t.indptr[:-1]).long())
-    sup = (col // NK) * NS + (col % NK) // span  # spanning column of the entry
-    sub = (col % NK) % span  # its key block inside the span
-    key = sup * NQ + t.blk.long()
-    uniq, inv = torch.unique(key, return_inverse=True)  # sorted: by spanning column, then q block
+    R = t.indptr.numel() - 1  # B * G * n_rows rows
+    row = torch.repeat_interleave(torch.arange(R, device=dev),
+                                  (t.indptr[1:] - t.indptr[:-1]).long())
+    sup = (row // n_rows) * NS + (row % n_rows) // span  # spanning row of the entry
+    sub = (row % n_rows) % span  # its block inside the span
+    key = sup * n_other + t.blk.long()
+    uniq, inv = torch.unique(key, return_inverse=True)  # sorted: by spanning row, then block
     U = uniq.numel()
     lo = torch.full((U, span), _BIG, dtype=torch.int32, device=dev)
     hi = torch.full((U, span), -_BIG, dtype=torch.int32, device=dev)
@@ -205,11 +210,11 @@ def spanned_bwd(plan: KernelPlan, span: int) -> EntryCSR:
     flag = torch.zeros(U, dtype=torch.int32, device=dev).scatter_reduce(
         0, inv, t.flag, "amax", include_self=True)
     flag = torch.where(present < span, flag | FLAG_MASK, flag)
-    rows = uniq // NQ
+    rows = uniq // n_other
     indptr = torch.zeros(R // span + 1, dtype=torch.long, device=dev)
     indptr[1:] = torch.bincount(rows, minlength=R // span).cumsum(0)
-    csr = _csr(indptr, rows, uniq % NQ, lo, hi, flag)
-    plan.spans[span] = csr
+    csr = _csr(indptr, rows, uniq % n_other, lo, hi, flag)
+    plan.spans[(side, span)] = csr
     return csr
 
 

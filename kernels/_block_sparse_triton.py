@@ -6,7 +6,9 @@ work) and its masked entries from split[row] on; a masked entry carries [lo, hi)
 delta = q_pos - k_pos (its mode) and, with documents, the same-document test. The two kinds run
 in two branch-free loops (one inner function, MASKED a constexpr). Layout blocks larger than a
 tile are walked as (entry, sub-tile) pairs; a layout block under 16 tokens (tl.dot's minimum)
-is padded inside a tile and the pad masked. Scores are kept in the log2 domain
+is padded inside a tile and the pad masked; a tile wider than a block of >= 16 tokens spans
+SPAN adjacent blocks of the program's side and walks a spanning CSR whose entries carry one
+[lo, hi) per block (_entry_bounds). Scores are kept in the log2 domain
 (qk_scale = scale * log2 e); LSE is stored in natural log. Large offsets stay scalar int64 and
 per-element offsets int32, and token strides are constexpr: int64 or runtime-stride element
 offsets cost ~90 registers per thread and spill (ptxas -v, sm_90a).
@@ -74,11 +76,26 @@ def _allowed(q_pos, k_pos, q_doc, k_doc, lo, hi, HAS_DOC: tl.constexpr,
 
 
 @triton.jit
+def _entry_bounds(ent_lo, ent_hi, e, tile, BLOCK: tl.constexpr, SPAN: tl.constexpr):
+    """[lo, hi) of entry e: scalars, or with SPAN > 1 one per row of the tile ([rows, 1]), each
+    row taking the bounds of the layout block it lies in (spanning CSRs)."""
+    if SPAN > 1:  # one return below: Triton types every return, even a pruned branch's
+        at = e * SPAN + tile // BLOCK
+        lo = tl.load(ent_lo + at)[:, None]
+        hi = tl.load(ent_hi + at)[:, None]
+    else:
+        lo = tl.load(ent_lo + e)
+        hi = tl.load(ent_hi + e)
+    return lo, hi
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, qp, qd, k_base, v_base, kpos_base, kdoc_base, ent_blk, ent_lo,
                ent_hi, it_lo, it_hi, s_kt, s_vt, qk_scale,
                K_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                SUB_N: tl.constexpr, PAD_N: tl.constexpr, MASKED: tl.constexpr,
-               HAS_DOC: tl.constexpr):
+               HAS_DOC: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+               SPAN: tl.constexpr):
     tile_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for it in range(it_lo, it_hi):  # (entry, sub-tile) pairs
@@ -92,8 +109,8 @@ def _fwd_inner(acc, m_i, l_i, q, qp, qd, k_base, v_base, kpos_base, kdoc_base, e
         if MASKED:
             kp, kd = _tok_meta(kpos_base, kdoc_base, n_start, tile_n, tile_n < K_BLOCK, -1,
                                HAS_DOC)
-            ok = _allowed(qp, kp, qd, kd, tl.load(ent_lo + e), tl.load(ent_hi + e), HAS_DOC,
-                          False)
+            lo, hi = _entry_bounds(ent_lo, ent_hi, e, tl.arange(0, BLOCK_M), Q_BLOCK, SPAN)
+            ok = _allowed(qp, kp, qd, kd, lo, hi, HAS_DOC, False)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
@@ -118,13 +135,15 @@ def _fwd_kernel(Q, K, V, O, LSE, row_order, indptr, split, ent_blk, ent_lo, ent_
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr):
     SUB_M: tl.constexpr = Q_BLOCK // BLOCK_M if Q_BLOCK >= BLOCK_M else 1
     SUB_N: tl.constexpr = K_BLOCK // BLOCK_N if K_BLOCK >= BLOCK_N else 1
-    PAD_M: tl.constexpr = Q_BLOCK < BLOCK_M
+    SPAN: tl.constexpr = (BLOCK_M // Q_BLOCK if Q_BLOCK >= 16 else 1) if Q_BLOCK < BLOCK_M else 1
+    PAD_M: tl.constexpr = (SPAN == 1) if Q_BLOCK < BLOCK_M else False
     PAD_N: tl.constexpr = K_BLOCK < BLOCK_N
+    QUERY_TILE: tl.constexpr = Q_BLOCK * SPAN  # query tokens of one (spanning) CSR row
     r, b64, h, hk, m_start = _query_tile(tl.program_id(0), row_order, NQ, G, HPG, KV_RATIO,
-                                         Q_BLOCK, BLOCK_M, SUB_M)
+                                         QUERY_TILE, BLOCK_M, SUB_M)
     tile_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = tile_m < Q_BLOCK
+    row_ok = tile_m < QUERY_TILE
     q = _load_tile(_tile_ptrs(Q + b64 * s_qb + h * s_qh, m_start, s_qt, tile_m, offs_d), tile_m,
                    Q_BLOCK, PAD_M)
     qp, qd = _tok_meta(q_pos + b64 * Tq, q_doc + b64 * Tq, m_start, tile_m, row_ok, -2, HAS_DOC)
@@ -141,10 +160,12 @@ def _fwd_kernel(Q, K, V, O, LSE, row_order, indptr, split, ent_blk, ent_lo, ent_
     kdoc_base = k_doc + b64 * Tk
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qp, qd, k_base, v_base, kpos_base, kdoc_base,
                                ent_blk, ent_lo, ent_hi, start * SUB_N, mid * SUB_N, s_kt, s_vt,
-                               qk_scale, K_BLOCK, HEAD_DIM, BLOCK_N, SUB_N, PAD_N, False, HAS_DOC)
+                               qk_scale, K_BLOCK, HEAD_DIM, BLOCK_N, SUB_N, PAD_N, False, HAS_DOC,
+                               Q_BLOCK, BLOCK_M, SPAN)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qp, qd, k_base, v_base, kpos_base, kdoc_base,
                                ent_blk, ent_lo, ent_hi, mid * SUB_N, end * SUB_N, s_kt, s_vt,
-                               qk_scale, K_BLOCK, HEAD_DIM, BLOCK_N, SUB_N, PAD_N, True, HAS_DOC)
+                               qk_scale, K_BLOCK, HEAD_DIM, BLOCK_N, SUB_N, PAD_N, True, HAS_DOC,
+                               Q_BLOCK, BLOCK_M, SPAN)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -185,7 +206,8 @@ def _dq_inner(dq, q, do, lse2, delta, qp, qd, k_base, v_base, kpos_base, kdoc_ba
               ent_lo, ent_hi, it_lo, it_hi, s_kt, s_vt, qk_scale,
               K_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               SUB_N: tl.constexpr, PAD_N: tl.constexpr, MASKED: tl.constexpr,
-              HAS_DOC: tl.constexpr):
+              HAS_DOC: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+              SPAN: tl.constexpr):
     tile_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for it in range(it_lo, it_hi):
@@ -200,8 +222,8 @@ def _dq_inner(dq, q, do, lse2, delta, qp, qd, k_base, v_base, kpos_base, kdoc_ba
         if MASKED:
             kp, kd = _tok_meta(kpos_base, kdoc_base, n_start, tile_n, tile_n < K_BLOCK, -1,
                                HAS_DOC)
-            ok = _allowed(qp, kp, qd, kd, tl.load(ent_lo + e), tl.load(ent_hi + e), HAS_DOC,
-                          False)
+            lo, hi = _entry_bounds(ent_lo, ent_hi, e, tl.arange(0, BLOCK_M), Q_BLOCK, SPAN)
+            ok = _allowed(qp, kp, qd, kd, lo, hi, HAS_DOC, False)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -220,13 +242,15 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, row_order, indptr, split, ent_bl
     """dQ over the forward CSR; DQ has Q's strides."""
     SUB_M: tl.constexpr = Q_BLOCK // BLOCK_M if Q_BLOCK >= BLOCK_M else 1
     SUB_N: tl.constexpr = K_BLOCK // BLOCK_N if K_BLOCK >= BLOCK_N else 1
-    PAD_M: tl.constexpr = Q_BLOCK < BLOCK_M
+    SPAN: tl.constexpr = (BLOCK_M // Q_BLOCK if Q_BLOCK >= 16 else 1) if Q_BLOCK < BLOCK_M else 1
+    PAD_M: tl.constexpr = (SPAN == 1) if Q_BLOCK < BLOCK_M else False
     PAD_N: tl.constexpr = K_BLOCK < BLOCK_N
+    QUERY_TILE: tl.constexpr = Q_BLOCK * SPAN  # query tokens of one (spanning) CSR row
     r, b64, h, hk, m_start = _query_tile(tl.program_id(0), row_order, NQ, G, HPG, KV_RATIO,
-                                         Q_BLOCK, BLOCK_M, SUB_M)
+                                         QUERY_TILE, BLOCK_M, SUB_M)
     tile_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = tile_m < Q_BLOCK
+    row_ok = tile_m < QUERY_TILE
     q = _load_tile(_tile_ptrs(Q + b64 * s_qb + h * s_qh, m_start, s_qt, tile_m, offs_d), tile_m,
                    Q_BLOCK, PAD_M)
     do = _load_tile(_tile_ptrs(DO + b64 * s_db + h * s_dh, m_start, s_dt, tile_m, offs_d),
@@ -247,10 +271,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, row_order, indptr, split, ent_bl
     kdoc_base = k_doc + b64 * Tk
     dq = _dq_inner(dq, q, do, lse2, delta, qp, qd, k_base, v_base, kpos_base, kdoc_base, ent_blk,
                    ent_lo, ent_hi, start * SUB_N, mid * SUB_N, s_kt, s_vt, qk_scale,
-                   K_BLOCK, HEAD_DIM, BLOCK_N, SUB_N, PAD_N, False, HAS_DOC)
+                   K_BLOCK, HEAD_DIM, BLOCK_N, SUB_N, PAD_N, False, HAS_DOC, Q_BLOCK, BLOCK_M,
+                   SPAN)
     dq = _dq_inner(dq, q, do, lse2, delta, qp, qd, k_base, v_base, kpos_base, kdoc_base, ent_blk,
                    ent_lo, ent_hi, mid * SUB_N, end * SUB_N, s_kt, s_vt, qk_scale,
-                   K_BLOCK, HEAD_DIM, BLOCK_N, SUB_N, PAD_N, True, HAS_DOC)
+                   K_BLOCK, HEAD_DIM, BLOCK_N, SUB_N, PAD_N, True, HAS_DOC, Q_BLOCK, BLOCK_M,
+                   SPAN)
     dq = dq * scale
     dq_ptrs = _tile_ptrs(DQ + b64 * s_qb + h * s_qh, m_start, s_qt, tile_m, offs_d)
     if PAD_M:
@@ -291,13 +317,7 @@ def _dkdv_inner(dk, dv, k, v, kp, kd, q_base, do_base, lse_base, delta_base, qpo
         if MASKED:
             qp, qd = _tok_meta(qpos_base, qdoc_base, m_start, tile_m, tile_m < Q_BLOCK, -2,
                                HAS_DOC)
-            if SPAN > 1:  # each key block of the tile has its own bounds: [N, 1]
-                blk_of = e * SPAN + tile_n // K_BLOCK
-                lo = tl.load(ent_lo + blk_of)[:, None]
-                hi = tl.load(ent_hi + blk_of)[:, None]
-            else:
-                lo = tl.load(ent_lo + e)
-                hi = tl.load(ent_hi + e)
+            lo, hi = _entry_bounds(ent_lo, ent_hi, e, tile_n, K_BLOCK, SPAN)  # keys on rows
             ok = _allowed(qp, kp, qd, kd, lo, hi, HAS_DOC, True)
             p_t = tl.where(ok, p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do)
@@ -329,7 +349,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQACC, LSE, DELTA, col_order, indptr, 
     it (GQA), so every dK/dV element has one writer: no atomics. With ATOMIC_DQ it also adds
     its dS K into the fp32 DQACC (Q's strides) with atomics: faster, not bit-deterministic.
     A tile wider than a key block of >= 16 tokens spans SPAN adjacent blocks and walks the
-    spanning CSR (_block_sparse_plan.spanned_bwd; NK counts spanning columns then).
+    spanning CSR (_block_sparse_plan.spanned_csr; NK counts spanning columns then).
     """
     SUB_M: tl.constexpr = Q_BLOCK // BLOCK_M if Q_BLOCK >= BLOCK_M else 1
     SUB_N: tl.constexpr = K_BLOCK // BLOCK_N if K_BLOCK >= BLOCK_N else 1

@@ -10,7 +10,8 @@ partial softmaxes over disjoint key sets merged by LSE (executor.merge_partials)
 gradients. Rows with no visible key give out 0, lse -inf and zero (finite) gradients.
 fp16 / bf16 / fp32 inputs, fp32 accumulation (fp32 dots run as tf32 on GPU tensor cores).
 Forward and dQ walk the layout's CSR; dK/dV walk its transpose, one writer per dK/dV tile, no
-atomics (a dK/dV tile may span adjacent key blocks, walking the union of their columns).
+atomics. A tile wider than a layout block spans adjacent blocks (query blocks in the forward
+and dQ, key blocks in dK/dV) and walks the union of their rows (_block_sparse_plan.spanned_csr).
 Kernels are in _block_sparse_triton.py; plan preparation and tuning in _block_sparse_plan.py.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from dcwdist.attention.layout import BlockLayout
 from dcwdist.kernels import _block_sparse_triton as _k
 from dcwdist.kernels._block_sparse_plan import (KernelPlan, kernel_plan, launch_tuned,
-                                                spanned_bwd, sub_tiles)
+                                                spanned_csr, sub_tiles)
 
 __all__ = ["block_sparse_attention", "block_sparse_attention_reference"]
 
@@ -35,11 +36,12 @@ _TINY = 1e-30
 # Registers and spills: `python benchmarks/kernel_registers.py` (ptxas -v, sm_90a, triton 3.7).
 # At D=128 the first dK/dV tiles spill a little (0-48 bytes). The *_SMALL_D lists join at head
 # dim <= 64 (the 100M and 1B models, 64-token layout blocks): 4-warp 64x64 tiles and 3 stages,
-# no spills at D=64. A dK/dV key tile wider than the key block spans adjacent blocks (key_span):
-# so with 64-token blocks the 32x128 / 64x128 dK/dV tiles (193-203 registers at D=64, no spills)
-# apply too; before, a 64-block layout had only 64-key dK/dV tiles, each loaded query tile
-# serving half the keys it serves in FlashAttention-2's 128-key backward. Tiles under 32 rows
-# only serve layout blocks under 32 tokens.
+# no spills at D=64. A tile wider than a layout block spans adjacent blocks (block_span), so
+# with 64-token blocks the 128-query forward / dQ tiles and the 32x128 / 64x128 dK/dV tiles
+# apply too (193-203 registers at D=64 for dK/dV, no spills); before, a 64-block layout had
+# only 64-row tiles, each loaded tile of the other side serving half the rows it serves in
+# FlashAttention-2 (128 queries forward, 128 keys in dK/dV). Tiles under 32 rows only serve
+# layout blocks under 32 tokens.
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3),
                 (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)]
 _DQ_CONFIGS = [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2),
@@ -130,33 +132,47 @@ def _check(q, k, v, layout: BlockLayout) -> None:
             raise ValueError(f"layout.{name}={blk}: must be below 16 or a multiple of 16")
 
 
-def key_span(cfg, k_block: int) -> int:
-    """Adjacent key blocks one dK/dV tile of cfg spans (1: the tile fits in a block, or pads a
-    block under 16 tokens)."""
-    return cfg[1] // k_block if cfg[1] > k_block >= 16 else 1
+def block_span(tile: int, block: int) -> int:
+    """Adjacent layout blocks one tile spans: tile // block when the tile is wider than a block
+    of >= 16 tokens, else 1 (the tile fits in a block, or pads a block under 16 tokens)."""
+    return tile // block if tile > block >= 16 else 1
 
 
-def _fits(cfg, q_block: int, k_block: int, num_k_blocks: int = 0) -> bool:
-    """cfg's tiles fit the layout blocks; num_k_blocks > 0 (dK/dV only) also lets a key tile
-    span whole adjacent key blocks when their count divides num_k_blocks."""
+def _fits(cfg, q_block: int, k_block: int, num_q_blocks: int = 0, num_k_blocks: int = 0
+          ) -> bool:
+    """cfg's tiles fit the layout blocks. num_q_blocks > 0 (forward, dQ) lets the query tile,
+    num_k_blocks > 0 (dK/dV) the key tile, span whole adjacent blocks when their count divides
+    the blocks of a row group."""
     bm, bn = cfg[0], cfg[1]
     ok_m = q_block % bm == 0 or (q_block < 16 and bm == 16)
     ok_n = k_block % bn == 0 or (k_block < 16 and bn == 16)
-    span = key_span(cfg, k_block)
-    if num_k_blocks and span > 1:
-        ok_n = bn % k_block == 0 and num_k_blocks % span == 0
+    span_m, span_n = block_span(bm, q_block), block_span(bn, k_block)
+    if num_q_blocks and span_m > 1:
+        ok_m = bm % q_block == 0 and num_q_blocks % span_m == 0
+    if num_k_blocks and span_n > 1:
+        ok_n = bn % k_block == 0 and num_k_blocks % span_n == 0
     return ok_m and ok_n
 
 
-def _configs(table, plan: KernelPlan, head_dim: int, span_keys: bool = False):
-    nk = plan.num_k_blocks if span_keys else 0
+def _configs(table, plan: KernelPlan, head_dim: int, span: str):
+    """Fitting candidates of `table`; span "q": query tiles may span blocks (forward, dQ),
+    "k": key tiles may (dK/dV)."""
+    nq = plan.num_q_blocks if span == "q" else 0
+    nk = plan.num_k_blocks if span == "k" else 0
     if plan.interpret:
-        return [c for c in _CPU_CONFIGS if _fits(c, plan.q_block, plan.k_block, nk)][:1]
+        return [c for c in _CPU_CONFIGS if _fits(c, plan.q_block, plan.k_block, nq, nk)][:1]
     if head_dim <= 64:
         table = table + _SMALL_D[id(table)]
     small = min(plan.q_block, plan.k_block) < 32
-    return [c for c in table if _fits(c, plan.q_block, plan.k_block, nk)
+    return [c for c in table if _fits(c, plan.q_block, plan.k_block, nq, nk)
             and (small or min(c[0], c[1]) >= 32)]
+
+
+def _csr_for(plan: KernelPlan, side: str, tile: int, block: int):
+    """(CSR, span) a tile of `tile` rows walks: the plan's own, or a spanning one."""
+    span = block_span(tile, block)
+    base = plan.fwd if side == "fwd" else plan.bwd
+    return (base if span == 1 else spanned_csr(plan, side, span)), span
 
 
 def _lastdim_contig(x: torch.Tensor) -> torch.Tensor:
@@ -179,17 +195,25 @@ def _forward(q, k, v, plan: KernelPlan, scale: float):
     G = plan.groups
     out = torch.empty_like(q)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
-    c = plan.fwd
-    args = (q, k, v, out, lse, c.order, c.indptr, c.split, c.blk, c.lo, c.hi,
-            plan.q_pos, plan.k_pos, plan.q_doc, plan.k_doc,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            H, Tq, Tk, G, plan.num_q_blocks, H // G, H // Hkv, scale * _LOG2E)
+
+    def args(cfg):  # a query tile spanning several layout blocks walks a spanning CSR
+        c, span = _csr_for(plan, "fwd", cfg[0], plan.q_block)
+        return (q, k, v, out, lse, c.order, c.indptr, c.split, c.blk, c.lo, c.hi,
+                plan.q_pos, plan.k_pos, plan.q_doc, plan.k_doc,
+                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+                H, Tq, Tk, G, plan.num_q_blocks // span, H // G, H // Hkv, scale * _LOG2E)
+
     consts = dict(Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, HEAD_DIM=D, HAS_DOC=plan.has_doc)
-    rows = B * H * plan.num_q_blocks
     launch_tuned(_k._fwd_kernel, _tune_key("fwd", q, plan, plan.fwd),
-                 _configs(_FWD_CONFIGS, plan, D),
-                 lambda cfg: (rows * sub_tiles(plan.q_block, cfg[0]),), args, consts)
+                 _configs(_FWD_CONFIGS, plan, D, "q"), _query_grid(B * H, plan), args, consts)
     return out, lse
+
+
+def _query_grid(heads: int, plan: KernelPlan):
+    def grid(cfg):
+        span = block_span(cfg[0], plan.q_block)
+        return (heads * (plan.num_q_blocks // span) * sub_tiles(plan.q_block, cfg[0]),)
+    return grid
 
 
 def _backward(q, k, v, out, lse, dout, dlse, plan: KernelPlan, scale: float,
@@ -210,36 +234,33 @@ def _backward(q, k, v, out, lse, dout, dlse, plan: KernelPlan, scale: float,
     consts = dict(Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, HEAD_DIM=D, HAS_DOC=plan.has_doc)
     common = (plan.q_pos, plan.k_pos, plan.q_doc, plan.k_doc,
               *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    c = plan.fwd
-    rows = B * H * plan.num_q_blocks
     dq_acc = dq  # read by the dK/dV kernel only when it adds dQ atomically
     if deterministic:
-        launch_tuned(_k._bwd_dq_kernel, _tune_key("dq", q, plan, c),
-                     _configs(_DQ_CONFIGS, plan, D),
-                     lambda cfg: (rows * sub_tiles(plan.q_block, cfg[0]),),
-                     (q, k, v, dout, dq, lse, delta, c.order, c.indptr, c.split, c.blk, c.lo,
-                      c.hi, *common, H, Tq, Tk, G, plan.num_q_blocks, H // G, H // Hkv,
-                      scale * _LOG2E, scale), consts)
+        def dq_args(cfg):
+            c, span = _csr_for(plan, "fwd", cfg[0], plan.q_block)
+            return (q, k, v, dout, dq, lse, delta, c.order, c.indptr, c.split, c.blk, c.lo,
+                    c.hi, *common, H, Tq, Tk, G, plan.num_q_blocks // span, H // G, H // Hkv,
+                    scale * _LOG2E, scale)
+
+        launch_tuned(_k._bwd_dq_kernel, _tune_key("dq", q, plan, plan.fwd),
+                     _configs(_DQ_CONFIGS, plan, D, "q"), _query_grid(B * H, plan), dq_args,
+                     consts)
     else:
         dq_acc = torch.empty_strided(q.shape, q.stride(), dtype=torch.float32, device=q.device)
 
-    def csr(cfg):  # a key tile spanning several layout blocks walks the spanning CSR
-        span = key_span(cfg, plan.k_block)
-        return (plan.bwd if span == 1 else spanned_bwd(plan, span)), span
-
     def grid(cfg):
-        span = key_span(cfg, plan.k_block)
+        span = block_span(cfg[1], plan.k_block)
         return (B * Hkv * (plan.num_k_blocks // span) * sub_tiles(plan.k_block, cfg[1]),)
 
-    def args(cfg):
-        t, span = csr(cfg)
+    def args(cfg):  # a key tile spanning several layout blocks walks a spanning CSR
+        t, span = _csr_for(plan, "bwd", cfg[1], plan.k_block)
         return (q, k, v, dout, dk, dv, dq_acc, lse, delta, t.order, t.indptr, t.split, t.blk,
                 t.lo, t.hi, *common, H, Tq, Tk, G, plan.num_k_blocks // span, Hkv // G,
                 H // Hkv, scale * _LOG2E, scale)
 
     launch_tuned(_k._bwd_dkdv_kernel,
                  _tune_key("dkdv" if deterministic else "dkdv_atomic_dq", q, plan, plan.bwd),
-                 _configs(_DKDV_CONFIGS, plan, D, span_keys=True), grid, args,
+                 _configs(_DKDV_CONFIGS, plan, D, "k"), grid, args,
                  dict(consts, ATOMIC_DQ=not deterministic),
                  before=None if deterministic else dq_acc.zero_)
     if not deterministic:

@@ -245,7 +245,7 @@ def test_dkdv_tiles_spanning_adjacent_key_blocks_match_reference(name, span, mon
     from dcwdist.kernels import block_sparse as bs
     lay, H, Hkv, gather = CASES[name]()
     cfg = (16, span * lay.k_block, 4, 1)
-    assert bs._fits(cfg, lay.q_block, lay.k_block, lay.num_k_blocks)
+    assert bs._fits(cfg, lay.q_block, lay.k_block, 0, lay.num_k_blocks)
     monkeypatch.setattr(bs, "_CPU_CONFIGS", [cfg] + bs._CPU_CONFIGS)
     monkeypatch.setattr(_block_sparse_plan, "_TUNED", {})  # no tile chosen by an earlier test
     check(lay, H, Hkv, gather, torch.float32)
@@ -265,11 +265,11 @@ def test_spanning_dkdv_with_atomic_dq_matches_reference(name, monkeypatch):
 def test_spanned_csr_is_the_union_of_its_blocks_columns():
     """Each spanning column lists every query block that any of its key blocks lists, once;
     entries are unmasked only when all blocks are present and unmasked."""
-    from dcwdist.kernels._block_sparse_plan import FLAG_MASK, kernel_plan, spanned_bwd
+    from dcwdist.kernels._block_sparse_plan import FLAG_MASK, kernel_plan, spanned_csr
     lay, _, _, _ = CASES["random_q16_k16"]()
     plan = kernel_plan(lay, torch.device("cpu"))
-    sp = spanned_bwd(plan, 2)
-    assert spanned_bwd(plan, 2) is sp  # built once
+    sp = spanned_csr(plan, "bwd", 2)
+    assert spanned_csr(plan, "bwd", 2) is sp  # built once
     t, NK = plan.bwd, plan.num_k_blocks
 
     def column(csr, c):
@@ -284,8 +284,30 @@ def test_spanned_csr_is_the_union_of_its_blocks_columns():
             column(t, 2 * j + 1)[0][:column(t, 2 * j + 1)[1]])
         assert set(got[:n_unmasked]) == both
     with pytest.raises(ValueError, match="divide"):
-        spanned_bwd(plan, 3)
+        spanned_csr(plan, "bwd", 3)
     assert int((sp.flag[: int(sp.split[0])] & FLAG_MASK).sum()) == 0
+
+
+Q_SPAN_CASES = [("causal_b16_gqa", 2), ("window_24_b16", 2), ("random_q16_k16", 2),
+                ("random_q16_k32_batch2", 2), ("window_64_b32_docs", 2), ("topk_G_eq_Hkv", 2),
+                ("all_masked_rows", 2), ("random_q16_k16", 4), ("summary_pool4_kb8_pad", 2)]
+
+
+@pytest.mark.parametrize("name,span", Q_SPAN_CASES)
+def test_forward_and_dq_tiles_spanning_adjacent_query_blocks_match_reference(name, span,
+                                                                              monkeypatch):
+    """A forward / dQ tile over `span` adjacent query blocks walks the union of their rows,
+    each block with its own bounds (rows of a block without the entry masked, rows with no
+    key at all giving out 0 and lse -inf): the same outputs and gradients as the reference."""
+    from dcwdist.kernels import block_sparse as bs
+    lay, H, Hkv, gather = CASES[name]()
+    cfg = (span * lay.q_block, min(lay.k_block, 16) if lay.k_block >= 16 else 16, 4, 1)
+    assert bs._fits(cfg, lay.q_block, lay.k_block, lay.num_q_blocks, 0)
+    monkeypatch.setattr(bs, "_CPU_CONFIGS", [cfg] + bs._CPU_CONFIGS)
+    monkeypatch.setattr(_block_sparse_plan, "_TUNED", {})
+    check(lay, H, Hkv, gather, torch.float32)
+    chosen = {key[0]: c for key, c in _block_sparse_plan._TUNED.items()}
+    assert chosen["fwd"] == cfg and chosen["dq"] == cfg and chosen["dkdv"] != cfg
 
 
 def test_empty_rows_give_zero_and_minus_inf():
