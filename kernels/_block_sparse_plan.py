@@ -224,8 +224,14 @@ def sub_tiles(block: int, tile: int) -> int:
 
 
 _TUNED: dict[tuple, tuple] = {}
+_TIMINGS: dict[tuple, list] = {}
+"""key -> [(ms, config)] of every config timed for it, fastest first."""
 AUTOTUNE = True
 """Time every fitting config once per key on CUDA; False: take the first (tests: fewer compiles)."""
+LONG_RUN_MS = 1000.0
+"""A key whose first timed config runs this long times only NARROW_TO configs: at 2M tokens one
+dK/dV run takes ~10 s, and ~12 candidates timed twice each would not fit a 10-minute job."""
+NARROW_TO = 3
 
 
 def launch_tuned(kernel, key: tuple, configs: list, grid: Callable[[tuple], tuple], args,
@@ -234,7 +240,8 @@ def launch_tuned(kernel, key: tuple, configs: list, grid: Callable[[tuple], tupl
 
     args: a tuple, or a function of the config (a config may walk another CSR). Timed once per
     key (_time_ms; every kernel here only stores its outputs, so re-running it is harmless); a
-    single candidate, or the interpreter, skips timing.
+    single candidate, or the interpreter, skips timing. Candidates run in the order of the
+    nearest tuned class (candidate_order), and long kernels stop after NARROW_TO (pick_config).
     """
     if not configs:
         raise ValueError(f"no kernel tile fits layout blocks for {key}")
@@ -251,16 +258,41 @@ def launch_tuned(kernel, key: tuple, configs: list, grid: Callable[[tuple], tupl
         if len(configs) == 1 or not AUTOTUNE:
             best = configs[0]
         else:
-            timings = []
-            for cfg in configs:
-                try:
-                    timings.append((_time_ms(lambda: run(cfg)), cfg))
-                except Exception as err:  # e.g. a tile that needs more shared memory than exists
-                    if "OutOfResources" not in type(err).__name__ and "resources" not in str(err):
-                        raise
-            best = min(timings)[1]
+            best = pick_config(key, configs, lambda cfg: _time_ms(lambda: run(cfg)))
         _TUNED[key] = best
     run(best)
+
+
+def candidate_order(key: tuple, configs: list) -> list:
+    """configs, those ranked for the nearest tuned class first (fastest first), then the rest in
+    their given order. Nearest: same kernel, dtype, head dim, blocks and documents, the largest
+    (length, row) buckets: the longest problem timed so far."""
+    related = [k for k in _TIMINGS if k[:6] == key[:6] and k != key]
+    if not related:
+        return list(configs)
+    ranked = [cfg for _, cfg in _TIMINGS[max(related, key=lambda k: tuple(k[6:]))]
+              if cfg in configs]
+    return ranked + [cfg for cfg in configs if cfg not in ranked]
+
+
+def pick_config(key: tuple, configs: list, time_ms: Callable[[tuple], float]) -> tuple:
+    """The fastest config by time_ms(config); after NARROW_TO timed configs, stops once the
+    fastest so far took LONG_RUN_MS or more. A config that needs more resources than the GPU
+    has is skipped. Timings are kept for candidate_order."""
+    timings = []
+    for cfg in candidate_order(key, configs):
+        if len(timings) >= NARROW_TO and min(timings)[0] >= LONG_RUN_MS:
+            break
+        try:
+            timings.append((time_ms(cfg), cfg))
+        except Exception as err:  # e.g. a tile that needs more shared memory than exists
+            if "OutOfResources" not in type(err).__name__ and "resources" not in str(err):
+                raise
+    if not timings:
+        raise RuntimeError(f"no config of {configs} could run for {key}")
+    timings.sort(key=lambda t: t[0])
+    _TIMINGS[key] = timings
+    return timings[0][1]
 
 
 def _time_ms(fn: Callable[[], None], long_ms: float = 20.0) -> float:

@@ -393,3 +393,31 @@ def test_gpu_atomic_dq_matches_reference(name, monkeypatch):
     monkeypatch.setattr(_block_sparse_plan, "AUTOTUNE", False)
     lay, H, Hkv, gather = GPU_CASES[name]()
     check(lay, H, Hkv, gather, torch.bfloat16, D=128, deterministic=False)
+
+
+def test_tuning_a_long_kernel_times_only_the_nearest_classes_three_best(monkeypatch):
+    """A 1M / 2M kernel runs for seconds: its tuning starts from the ranking of the longest
+    related class already tuned and stops after three configs; a short kernel times all."""
+    from dcwdist.kernels._block_sparse_plan import candidate_order, pick_config
+    monkeypatch.setattr(_block_sparse_plan, "_TIMINGS", {})
+    cfgs = [(64, 64, 4, s) for s in range(6)]
+    short = ("dkdv", torch.bfloat16, 64, 64, 64, True, 15, 2)
+    timed = []
+
+    def clock(ms_of):
+        def time_ms(cfg):
+            timed.append(cfg)
+            return ms_of(cfg)
+        return time_ms
+
+    assert pick_config(short, cfgs, clock(lambda c: 10.0 - c[3])) == cfgs[5]
+    assert timed == cfgs  # fast: every config timed, in the given order
+    longer = short[:7] + (4,)
+    assert candidate_order(longer, cfgs)[:3] == [cfgs[5], cfgs[4], cfgs[3]]
+    timed.clear()
+    assert pick_config(longer, cfgs, clock(lambda c: 2000.0 + c[3])) == cfgs[3]
+    assert timed == [cfgs[5], cfgs[4], cfgs[3]]  # long: three, then stop
+    timed.clear()  # the longest tuned class now ranks the next one
+    assert candidate_order(short[:7] + (5,), cfgs)[0] == cfgs[3]
+    other = ("fwd",) + short[1:]
+    assert candidate_order(other, cfgs) == cfgs  # no related class: the given order
