@@ -52,8 +52,8 @@ _FWD_CONFIGS_SMALL_D = [(64, 64, 4, 2), (64, 64, 8, 3), (64, 32, 4, 3)]
 _DQ_CONFIGS_SMALL_D = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3)]
 _DKDV_CONFIGS_SMALL_D = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3),
                          (64, 32, 4, 3)]
-_SMALL_D = {id(_FWD_CONFIGS): _FWD_CONFIGS_SMALL_D, id(_DQ_CONFIGS): _DQ_CONFIGS_SMALL_D,
-            id(_DKDV_CONFIGS): _DKDV_CONFIGS_SMALL_D}
+_TABLES = {"fwd": (_FWD_CONFIGS, _FWD_CONFIGS_SMALL_D), "dq": (_DQ_CONFIGS, _DQ_CONFIGS_SMALL_D),
+           "dkdv": (_DKDV_CONFIGS, _DKDV_CONFIGS_SMALL_D)}
 _CPU_CONFIGS = [(32, 32, 4, 1), (16, 16, 4, 1)]
 
 
@@ -154,15 +154,16 @@ def _fits(cfg, q_block: int, k_block: int, num_q_blocks: int = 0, num_k_blocks: 
     return ok_m and ok_n
 
 
-def _configs(table, plan: KernelPlan, head_dim: int, span: str):
-    """Fitting candidates of `table`; span "q": query tiles may span blocks (forward, dQ),
-    "k": key tiles may (dK/dV)."""
-    nq = plan.num_q_blocks if span == "q" else 0
-    nk = plan.num_k_blocks if span == "k" else 0
+def _configs(kernel: str, plan: KernelPlan, head_dim: int):
+    """Fitting candidates of kernel "fwd" / "dq" (query tiles may span blocks) or "dkdv" (key
+    tiles may)."""
+    nq = plan.num_q_blocks if kernel != "dkdv" else 0
+    nk = plan.num_k_blocks if kernel == "dkdv" else 0
     if plan.interpret:
         return [c for c in _CPU_CONFIGS if _fits(c, plan.q_block, plan.k_block, nq, nk)][:1]
+    table, small_d = _TABLES[kernel]
     if head_dim <= 64:
-        table = table + _SMALL_D[id(table)]
+        table = table + small_d
     small = min(plan.q_block, plan.k_block) < 32
     return [c for c in table if _fits(c, plan.q_block, plan.k_block, nq, nk)
             and (small or min(c[0], c[1]) >= 32)]
@@ -181,9 +182,8 @@ def _lastdim_contig(x: torch.Tensor) -> torch.Tensor:
 
 def _tune_key(name, q, plan: KernelPlan, csr):
     """The problem class a tuned config serves: besides dtype, head dim and blocks, the length
-    (log2, capped at 32k) and the CSR's mean entries per non-empty row (log4): the work one
-    program does. Lengths >= 32k shared one key before, so a 1M step ran the tiles tuned on 32k,
-    where rows are ~30x shorter."""
+    (log2, capped at 32k) and the CSR's mean entries per non-empty row (log4), the work of one
+    program: at 1M tokens rows are ~30x longer than at 32k, and the best tile differs."""
     bucket = min(int(math.log2(max(q.shape[1], 1))), 15)
     return (name, q.dtype, q.shape[-1], plan.q_block, plan.k_block, plan.has_doc, bucket,
             csr.row_bucket)
@@ -205,7 +205,7 @@ def _forward(q, k, v, plan: KernelPlan, scale: float):
 
     consts = dict(Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, HEAD_DIM=D, HAS_DOC=plan.has_doc)
     launch_tuned(_k._fwd_kernel, _tune_key("fwd", q, plan, plan.fwd),
-                 _configs(_FWD_CONFIGS, plan, D, "q"), _query_grid(B * H, plan), args, consts)
+                 _configs("fwd", plan, D), _query_grid(B * H, plan), args, consts)
     return out, lse
 
 
@@ -243,7 +243,7 @@ def _backward(q, k, v, out, lse, dout, dlse, plan: KernelPlan, scale: float,
                     scale * _LOG2E, scale)
 
         launch_tuned(_k._bwd_dq_kernel, _tune_key("dq", q, plan, plan.fwd),
-                     _configs(_DQ_CONFIGS, plan, D, "q"), _query_grid(B * H, plan), dq_args,
+                     _configs("dq", plan, D), _query_grid(B * H, plan), dq_args,
                      consts)
     else:
         dq_acc = torch.empty_strided(q.shape, q.stride(), dtype=torch.float32, device=q.device)
@@ -260,7 +260,7 @@ def _backward(q, k, v, out, lse, dout, dlse, plan: KernelPlan, scale: float,
 
     launch_tuned(_k._bwd_dkdv_kernel,
                  _tune_key("dkdv" if deterministic else "dkdv_atomic_dq", q, plan, plan.bwd),
-                 _configs(_DKDV_CONFIGS, plan, D, "k"), grid, args,
+                 _configs("dkdv", plan, D), grid, args,
                  dict(consts, ATOMIC_DQ=not deterministic),
                  before=None if deterministic else dq_acc.zero_)
     if not deterministic:
