@@ -47,6 +47,9 @@ class ModelConfig:
     norm_impl: str = "auto"
     """RMSNorm: torch (reference ops), triton (one fused kernel each way, kernels/rmsnorm.py) or
     auto (triton on CUDA tensors, torch otherwise)."""
+    rope_impl: str = "auto"
+    """RoPE on q and k: torch (reference ops), triton (one fused kernel each way per tensor,
+    kernels/rope.py; head dim twice a power of two) or auto (triton on CUDA, torch otherwise)."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights."""
     loss_chunk: int = 2048
@@ -69,6 +72,13 @@ class ModelConfig:
         if self.norm_impl not in ("auto", "torch", "triton"):
             raise ValueError(f"model.norm_impl must be one of auto, torch, triton; got "
                              f"{self.norm_impl!r}")
+        if self.rope_impl not in ("auto", "torch", "triton"):
+            raise ValueError(f"model.rope_impl must be one of auto, torch, triton; got "
+                             f"{self.rope_impl!r}")
+        half = (self.dim // self.n_heads) // 2
+        if self.rope_impl == "triton" and half & (half - 1):
+            raise ValueError(f"model.rope_impl=triton needs head_dim twice a power of two; got "
+                             f"head_dim {2 * half}: use rope_impl=torch")
         if self.offload_activations and not self.activation_checkpointing:
             raise ValueError("model.offload_activations moves the checkpointed layer inputs to "
                              "the host: set model.activation_checkpointing=true as well")

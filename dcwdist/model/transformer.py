@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dcwdist.attention import AttentionConfig, AttnContext, build_attention
 from dcwdist.kernels.rmsnorm import rms_norm, rms_norm_reference
+from dcwdist.kernels.rope import apply_rope_fused
 from dcwdist.model.activations import KeptOutputs, OffloadSaved, tiled
 from dcwdist.model.config import ModelConfig
 from dcwdist.model.loss import chunked_cross_entropy_sum
@@ -62,15 +63,20 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * E, cfg.dim, bias=False)
         self.attn = build_attention(attn_cfg, layer_idx, cfg.n_heads, cfg.n_kv_heads, E,
                                     n_layers=cfg.n_layers)
+        half = E // 2
+        # auto takes the fused kernel on CUDA when it applies (head dim twice a power of two)
+        self.rope_impl = "torch" if cfg.rope_impl == "auto" and half & (half - 1) else cfg.rope_impl
 
     def forward(self, x_BTD, cos, sin, ctx: AttnContext):
         B, T, _ = x_BTD.shape
         q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
-        # RoPE runs in cos/sin's dtype (fp32 under autocast with an fp32 residual stream); cast
-        # back so q, k, v share one dtype, as the block-sparse kernel requires.
-        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        # q, k leave RoPE in v's dtype: the block-sparse kernel needs one dtype for q, k, v.
+        if self.rope_impl == "triton" or (self.rope_impl == "auto" and q.is_cuda):
+            q, k = apply_rope_fused(q, cos, sin, v.dtype), apply_rope_fused(k, cos, sin, v.dtype)
+        else:  # in cos/sin's dtype (fp32 under autocast with an fp32 residual stream), then cast
+            q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         out_BTHE = self.attn(q, k, v, ctx)
         return self.o_proj(out_BTHE.reshape(B, T, -1))
 
