@@ -50,6 +50,9 @@ class ModelConfig:
     rope_impl: str = "auto"
     """RoPE on q and k: torch (reference ops), triton (one fused kernel each way per tensor,
     kernels/rope.py; head dim twice a power of two) or auto (triton on CUDA, torch otherwise)."""
+    swiglu_impl: str = "auto"
+    """The MLP's silu(gate) * up: torch (reference ops), triton (one fused kernel each way,
+    kernels/swiglu.py; keeps no silu(gate) for backward) or auto (triton on CUDA)."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights."""
     loss_chunk: int = 2048
@@ -69,12 +72,10 @@ class ModelConfig:
             raise ValueError(f"model.ffn_dim must be >= 0, got {self.ffn_dim}")
         if self.tiled_mlp < 0:
             raise ValueError(f"model.tiled_mlp must be >= 0 (0 = off), got {self.tiled_mlp}")
-        if self.norm_impl not in ("auto", "torch", "triton"):
-            raise ValueError(f"model.norm_impl must be one of auto, torch, triton; got "
-                             f"{self.norm_impl!r}")
-        if self.rope_impl not in ("auto", "torch", "triton"):
-            raise ValueError(f"model.rope_impl must be one of auto, torch, triton; got "
-                             f"{self.rope_impl!r}")
+        for key in ("norm_impl", "rope_impl", "swiglu_impl"):
+            if getattr(self, key) not in ("auto", "torch", "triton"):
+                raise ValueError(f"model.{key} must be one of auto, torch, triton; got "
+                                 f"{getattr(self, key)!r}")
         half = (self.dim // self.n_heads) // 2
         if self.rope_impl == "triton" and half & (half - 1):
             raise ValueError(f"model.rope_impl=triton needs head_dim twice a power of two; got "

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from dcwdist.attention import AttentionConfig, AttnContext, build_attention
 from dcwdist.kernels.rmsnorm import rms_norm, rms_norm_reference
 from dcwdist.kernels.rope import apply_rope_fused
+from dcwdist.kernels.swiglu import swiglu, swiglu_reference
 from dcwdist.model.activations import KeptOutputs, OffloadSaved, tiled
 from dcwdist.model.config import ModelConfig
 from dcwdist.model.loss import chunked_cross_entropy_sum
@@ -38,18 +39,21 @@ class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); with `tile` > 0, over tiles of that many tokens, each
     recomputed in backward (`activations.tiled`)."""
 
-    def __init__(self, dim: int, hidden: int, tile: int = 0):
+    def __init__(self, dim: int, hidden: int, tile: int = 0, impl: str = "torch"):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.tile = tile
+        self.tile, self.impl = tile, impl
 
     def forward(self, x):
         return tiled(self._mlp, x, self.tile) if self.tile else self._mlp(x)
 
     def _mlp(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if self.impl == "triton" or (self.impl == "auto" and g.is_cuda):
+            return self.down_proj(swiglu(g, u))
+        return self.down_proj(swiglu_reference(g, u))
 
 
 class SelfAttention(nn.Module):
@@ -87,7 +91,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_impl)
         self.self_attn = SelfAttention(cfg, attn_cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_impl)
-        self.mlp = SwiGLU(cfg.dim, cfg.ffn_hidden, cfg.tiled_mlp)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_hidden, cfg.tiled_mlp, cfg.swiglu_impl)
         self.layer_idx = layer_idx
 
     def forward(self, x, cos, sin, ctx: AttnContext):
