@@ -74,25 +74,11 @@ def test_fp32_math_with_bf16_output_and_bf16_input():
 
 
 def test_model_loss_and_grads_with_fused_rope_equal_the_torch_rope():
-    from dcwdist.attention import AttentionConfig, AttnContext
-    from dcwdist.model import ModelConfig, Transformer
-    got = {}
-    for impl in ("torch", "triton"):
-        torch.manual_seed(0)
-        cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                          rope_impl=impl, activation_checkpointing=True)
-        m = Transformer(cfg, AttentionConfig(kind="window", window=8, block_size=8)).to(DEV)
-        tokens = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(2))
-        doc = torch.zeros(2, 24, dtype=torch.long)
-        pos = torch.cat([torch.arange(10), torch.arange(14)]).repeat(2, 1)
-        ctx = AttnContext(doc_ids=doc.to(DEV), positions=pos.to(DEV))
-        loss = m(tokens.to(DEV), ctx, tokens.to(DEV))
-        loss.backward()
-        got[impl] = (loss.detach(), {n: p.grad for n, p in m.named_parameters()})
-    (l0, g0), (l1, g1) = got["torch"], got["triton"]
-    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
-    for name, g in g0.items():
-        torch.testing.assert_close(g1[name], g, rtol=1e-4, atol=1e-5, msg=name)
+    from tests.kernel_helpers import assert_same_step, loss_and_grads
+    pos = torch.cat([torch.arange(10), torch.arange(14)]).repeat(2, 1)  # a position restart
+    kw = dict(dim=64, n_heads=4, n_kv_heads=2, positions=pos)
+    assert_same_step(loss_and_grads(DEV, 24, rope_impl="triton", **kw),
+                     loss_and_grads(DEV, 24, rope_impl="torch", **kw))
 
 
 def test_bad_rope_impl_is_one_clear_error():

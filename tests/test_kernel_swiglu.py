@@ -52,24 +52,9 @@ def test_bf16_within_bf16_rounding():
 
 
 def test_model_loss_and_grads_with_the_fused_gate_equal_torch_with_a_tiled_mlp():
-    from dcwdist.attention import AttentionConfig, AttnContext
-    from dcwdist.model import ModelConfig, Transformer
-    got = {}
-    for impl in ("torch", "triton"):
-        torch.manual_seed(0)
-        cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
-                          swiglu_impl=impl, tiled_mlp=16, activation_checkpointing=True)
-        m = Transformer(cfg, AttentionConfig(kind="window", window=8, block_size=8)).to(DEV)
-        tokens = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(2))
-        ctx = AttnContext(doc_ids=torch.zeros(2, 40, dtype=torch.long).to(DEV),
-                          positions=torch.arange(40).repeat(2, 1).to(DEV))
-        loss = m(tokens.to(DEV), ctx, tokens.to(DEV))
-        loss.backward()
-        got[impl] = (loss.detach(), {n: p.grad for n, p in m.named_parameters()})
-    (l0, g0), (l1, g1) = got["torch"], got["triton"]
-    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
-    for name, g in g0.items():
-        torch.testing.assert_close(g1[name], g, rtol=1e-4, atol=1e-5, msg=name)
+    from tests.kernel_helpers import assert_same_step, loss_and_grads
+    assert_same_step(loss_and_grads(DEV, 40, swiglu_impl="triton", tiled_mlp=16),
+                     loss_and_grads(DEV, 40, swiglu_impl="torch", tiled_mlp=16))
 
 
 def test_mismatched_inputs_and_bad_impl_are_clear_errors():
