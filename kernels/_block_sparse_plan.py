@@ -34,8 +34,8 @@ class EntryCSR:
     blk: torch.Tensor
     """int32 [nnz] key block (forward) or query block (transposed)."""
     lo: torch.Tensor
-    """int32 [nnz] smallest allowed delta ([nnz, span] in a key-spanning CSR: one per key
-    block of the entry's tile, _BIG where that block has no entry)."""
+    """int32 [nnz] smallest allowed delta ([nnz, span] in a spanning CSR: one per layout
+    block of the program's tile, _BIG where that block has no entry)."""
     hi: torch.Tensor
     """int32 [nnz] first disallowed delta ([nnz, span] likewise, -_BIG where absent)."""
     flag: torch.Tensor
@@ -229,8 +229,8 @@ _TIMINGS: dict[tuple, list] = {}
 AUTOTUNE = True
 """Time every fitting config once per key on CUDA; False: take the first (tests: fewer compiles)."""
 LONG_RUN_MS = 1000.0
-"""A key whose first timed config runs this long times only NARROW_TO configs: at 2M tokens one
-dK/dV run takes ~10 s, and ~12 candidates timed twice each would not fit a 10-minute job."""
+"""Once NARROW_TO configs are timed and the fastest took this long, tuning stops: at 2M tokens
+one dK/dV run takes ~10 s, and ~12 candidates timed twice each would not fit a 10-minute job."""
 NARROW_TO = 3
 
 

@@ -187,6 +187,10 @@ def test_run_sums_keep_fp32_accuracy_of_their_chunk_after_a_long_prefix():
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-4)
     short_run = got[-1] - got[-2]
     torch.testing.assert_close(short_run, x[-3:].double().sum(0), rtol=0, atol=2e-5)
+    whole = x[:2048]  # a whole number of chunks: no padding
+    at = torch.tensor([0, 1023, 1024, 2047])
+    torch.testing.assert_close(sc._prefix_sums_at(whole, at, chunk=1024),
+                               whole.double().cumsum(0)[at], rtol=1e-7, atol=1e-4)
     # idx runs of every length, chunk boundaries inside and between runs
     idx = torch.repeat_interleave(torch.arange(7), torch.tensor([1, 1500, 3, 1024, 2, 700, 9]))
     src = torch.randn(7, D, dtype=torch.float64, requires_grad=True)

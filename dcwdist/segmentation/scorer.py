@@ -71,7 +71,8 @@ def _prefix_sums_at(x: torch.Tensor, pos: torch.Tensor, chunk: int = _CHUNK) -> 
     x's, if wider) cumsum inside chunks of `chunk` rows plus the fp64 sum of whole chunks before."""
     N = x.shape[0]
     flat = x.reshape(N, -1).to(torch.promote_types(x.dtype, torch.float32))
-    flat = torch.nn.functional.pad(flat, (0, 0, 0, (-N) % chunk))
+    if N % chunk:  # pad to whole chunks (a copy of the gradient: only when needed)
+        flat = torch.nn.functional.pad(flat, (0, 0, 0, (-N) % chunk))
     local = flat.view(-1, chunk, flat.shape[1]).cumsum(1)
     carry = torch.nn.functional.pad(local[:, -1].double().cumsum(0), (0, 0, 1, 0))
     at = local.view(-1, flat.shape[1])[pos].double() + carry[pos // chunk]
