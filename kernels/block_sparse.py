@@ -16,6 +16,7 @@ Kernels are in _block_sparse_triton.py; plan preparation and tuning in _block_sp
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -26,7 +27,7 @@ from dcwdist.kernels import _block_sparse_triton as _k
 from dcwdist.kernels._block_sparse_plan import (KernelPlan, kernel_plan, launch_tuned,
                                                 spanned_csr, sub_tiles)
 
-__all__ = ["block_sparse_attention", "block_sparse_attention_reference"]
+__all__ = ["block_sparse_attention", "block_sparse_attention_reference", "force_tiles"]
 
 _LOG2E = 1.4426950408889634
 _TINY = 1e-30
@@ -55,6 +56,27 @@ _DKDV_CONFIGS_SMALL_D = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (32, 64
 _TABLES = {"fwd": (_FWD_CONFIGS, _FWD_CONFIGS_SMALL_D), "dq": (_DQ_CONFIGS, _DQ_CONFIGS_SMALL_D),
            "dkdv": (_DKDV_CONFIGS, _DKDV_CONFIGS_SMALL_D)}
 _CPU_CONFIGS = [(32, 32, 4, 1), (16, 16, 4, 1)]
+# kernel name -> the one tile to run, instead of the table (tests of a given tile on any device;
+# benchmarks timing one tile); `force_tiles` sets it for a block of code.
+_FORCED: dict = {}
+
+
+@contextlib.contextmanager
+def force_tiles(**tiles):
+    """Run the named kernels ("fwd", "dq", "dkdv") with the given (BLOCK_M, BLOCK_N, num_warps,
+    num_stages) tile inside the block, e.g. `with force_tiles(dkdv=(32, 128, 8, 2)): ...`. A tile
+    that does not fit the layout's blocks raises ValueError at launch."""
+    unknown = set(tiles) - set(_TABLES)
+    if unknown:
+        raise ValueError(f"force_tiles: unknown kernel(s) {sorted(unknown)}; "
+                         f"allowed: {sorted(_TABLES)}")
+    old = dict(_FORCED)
+    _FORCED.update({k: tuple(v) for k, v in tiles.items()})
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(old)
 
 
 def block_sparse_attention(q_BTHD: torch.Tensor, k_BSKD: torch.Tensor, v_BSKD: torch.Tensor,
@@ -159,6 +181,13 @@ def _configs(kernel: str, plan: KernelPlan, head_dim: int):
     tiles may)."""
     nq = plan.num_q_blocks if kernel != "dkdv" else 0
     nk = plan.num_k_blocks if kernel == "dkdv" else 0
+    if kernel in _FORCED:
+        cfg = _FORCED[kernel]
+        if not _fits(cfg, plan.q_block, plan.k_block, nq, nk):
+            raise ValueError(f"forced {kernel} tile {cfg} does not fit {plan.q_block}-query / "
+                             f"{plan.k_block}-key blocks ({plan.num_q_blocks} x "
+                             f"{plan.num_k_blocks})")
+        return [cfg]
     if plan.interpret:
         return [c for c in _CPU_CONFIGS if _fits(c, plan.q_block, plan.k_block, nq, nk)][:1]
     table, small_d = _TABLES[kernel]

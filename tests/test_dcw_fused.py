@@ -11,6 +11,7 @@ from dcwdist.attention.config import AttentionConfig
 from dcwdist.attention.dcw import build_dcw_plan, fused_layout
 from dcwdist.attention.executor import attend_layout, merge_partials
 from dcwdist.attention.layouts import summary_layout
+from tests.kernel_helpers import KERNEL_DEV, fp32_kernel_tol
 
 triton_ok = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -31,10 +32,11 @@ def qkv(B, T, H, Hkv, D, dtype, seed=1):
             for h in (H, Hkv, Hkv)]
 
 
-def run_both(cfg, doc, tiers, impl, dtype):
-    plan = build_dcw_plan(cfg, doc, tiers)
-    q, k, v = qkv(doc.shape[0], doc.shape[1], 4, 2, 16, dtype)
-    bi = torch.arange(doc.shape[0])[:, None]
+def run_both(cfg, doc, tiers, impl, dtype, dev="cpu"):
+    plan = build_dcw_plan(cfg, doc.to(dev), tiers.to(dev))
+    q, k, v = [x.detach().to(dev).requires_grad_()
+               for x in qkv(doc.shape[0], doc.shape[1], 4, 2, 16, dtype)]
+    bi = torch.arange(doc.shape[0], device=dev)[:, None]
     ks, vs = k[bi, plan.strided_idx], v[bi, plan.strided_idx]
     parts = merge_partials([attend_layout(q, k, v, plan.local, impl=impl),
                             attend_layout(q, k, v, plan.buffer, impl=impl),
@@ -61,10 +63,12 @@ def test_fused_launch_equals_the_partials_merged_by_lse_fp64():
 def test_fused_kernel_launch_equals_the_merged_partials():
     cfg = AttentionConfig(kind="dcw", block_size=16, window=8, buffer_window=24, stride=4)
     doc, tiers = packed(seed=3)
-    (o1, _), (o2, _), (g1, g2) = run_both(cfg, doc, tiers, "triton", torch.float32)
-    torch.testing.assert_close(o2, o1, rtol=1e-4, atol=2e-5)
+    (o1, _), (o2, _), (g1, g2) = run_both(cfg, doc, tiers, "triton", torch.float32, KERNEL_DEV)
+    atol, rtol = fp32_kernel_tol(2e-5, 1e-4)
+    torch.testing.assert_close(o2, o1, rtol=rtol, atol=atol)
+    atol, rtol = fp32_kernel_tol(1e-4, 1e-3, grad=True)
     for a, b in zip(g2, g1):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
 def test_fused_layout_has_every_entry_of_the_three_parts_once():

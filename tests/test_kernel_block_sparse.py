@@ -246,9 +246,9 @@ def test_dkdv_tiles_spanning_adjacent_key_blocks_match_reference(name, span, mon
     lay, H, Hkv, gather = CASES[name]()
     cfg = (16, span * lay.k_block, 4, 1)
     assert bs._fits(cfg, lay.q_block, lay.k_block, 0, lay.num_k_blocks)
-    monkeypatch.setattr(bs, "_CPU_CONFIGS", [cfg] + bs._CPU_CONFIGS)
     monkeypatch.setattr(_block_sparse_plan, "_TUNED", {})  # no tile chosen by an earlier test
-    check(lay, H, Hkv, gather, torch.float32)
+    with bs.force_tiles(dkdv=cfg):
+        check(lay, H, Hkv, gather, torch.float32)
     chosen = [c for key, c in _block_sparse_plan._TUNED.items() if key[0] == "dkdv"]
     assert chosen == [cfg]
 
@@ -257,9 +257,9 @@ def test_dkdv_tiles_spanning_adjacent_key_blocks_match_reference(name, span, mon
 def test_spanning_dkdv_with_atomic_dq_matches_reference(name, monkeypatch):
     from dcwdist.kernels import block_sparse as bs
     lay, H, Hkv, gather = CASES[name]()
-    monkeypatch.setattr(bs, "_CPU_CONFIGS", [(16, 2 * lay.k_block, 4, 1)] + bs._CPU_CONFIGS)
     monkeypatch.setattr(_block_sparse_plan, "_TUNED", {})
-    check(lay, H, Hkv, gather, torch.float32, deterministic=False)
+    with bs.force_tiles(dkdv=(16, 2 * lay.k_block, 4, 1)):
+        check(lay, H, Hkv, gather, torch.float32, deterministic=False)
 
 
 def test_spanned_csr_is_the_union_of_its_blocks_columns():
@@ -303,9 +303,9 @@ def test_forward_and_dq_tiles_spanning_adjacent_query_blocks_match_reference(nam
     lay, H, Hkv, gather = CASES[name]()
     cfg = (span * lay.q_block, min(lay.k_block, 16) if lay.k_block >= 16 else 16, 4, 1)
     assert bs._fits(cfg, lay.q_block, lay.k_block, lay.num_q_blocks, 0)
-    monkeypatch.setattr(bs, "_CPU_CONFIGS", [cfg] + bs._CPU_CONFIGS)
     monkeypatch.setattr(_block_sparse_plan, "_TUNED", {})
-    check(lay, H, Hkv, gather, torch.float32)
+    with bs.force_tiles(fwd=cfg, dq=cfg):
+        check(lay, H, Hkv, gather, torch.float32)
     chosen = {key[0]: c for key, c in _block_sparse_plan._TUNED.items()}
     assert chosen["fwd"] == cfg and chosen["dq"] == cfg and chosen["dkdv"] != cfg
 
@@ -337,14 +337,14 @@ def test_dcw_partials_merged_by_lse_match_one_softmax():
 
     out, lse = run(block_sparse_attention)
     ref, ref_lse = run(block_sparse_attention_reference)
-    close("out", out, ref, 2e-5, 1e-4)
-    close("lse", lse, ref_lse, 2e-5, 1e-5)
+    close("out", out, ref, *TOL[torch.float32]["out"])
+    close("lse", lse, ref_lse, *TOL[torch.float32]["lse"])
     dout = torch.randn(out.shape, generator=g).to(DEV)
     dlse = torch.randn(lse.shape, generator=g).to(DEV)
     for name, a, b in zip(("dq", "dk", "dv"),
                           torch.autograd.grad((out, lse), (q, k, v), (dout, dlse)),
                           torch.autograd.grad((ref, ref_lse), (q, k, v), (dout, dlse))):
-        close(name, a, b, 1e-4, 1e-3)
+        close(name, a, b, *TOL[torch.float32]["grad"])
 
 
 def test_shape_errors_are_clear():

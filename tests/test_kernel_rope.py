@@ -57,10 +57,13 @@ def test_fp32_math_with_bf16_output_and_bf16_input():
     cos, sin = tables(2, 48, 64, torch.float32)
     (y, dx), (ry, rdx) = both(x, cos, sin, torch.bfloat16)
     assert y.dtype == torch.bfloat16 and dx.dtype == torch.float32
-    # fp32 math then one rounding in both: equal on a GPU; the interpreter's fp32 -> bf16 cast
-    # truncates, so within one bf16 ulp there
-    torch.testing.assert_close(y.float(), ry.float(), rtol=2 ** -7 if DEV == "cpu" else 0,
-                               atol=1e-6 if DEV == "cpu" else 0)
+    # fp32 math then one rounding in both, so within one bf16 ulp: the interpreter's fp32 -> bf16
+    # cast truncates, and on a GPU the compiled kernel fuses x*cos + rot*sin into an FMA (one
+    # rounding fewer than torch's mul then add), which moves a value across a bf16 rounding
+    # boundary now and then (1 of 24,576 on an H200)
+    torch.testing.assert_close(y.float(), ry.float(), rtol=2 ** -7, atol=1e-6)
+    if DEV == "cuda":
+        assert (y != ry).float().mean() < 1e-3
     torch.testing.assert_close(dx, rdx, rtol=1e-2, atol=1e-2)
     xb = x.bfloat16()
     cb, sb = cos.bfloat16(), sin.bfloat16()

@@ -27,6 +27,7 @@ from dcwdist.parallel.balance import zigzag_sharding  # noqa: E402
 from dcwdist.parallel.dcw_cp import select_rows, split_by_source  # noqa: E402
 from dcwdist.parallel.qship import rows_over_source  # noqa: E402
 from dcwdist.parallel.zigzag import CPShard  # noqa: E402
+from tests.kernel_helpers import KERNEL_DEV, fp32_kernel_tol  # noqa: E402
 
 BLK, T, B, G, H, HKV, D = 8, 96, 2, 2, 4, 2, 16
 NB = T // BLK
@@ -125,8 +126,8 @@ def close(name, got, exp, atol, rtol):
 def run_and_grad(fn, q, k, v, seed=1):
     out, lse = fn(q, k, v)
     g = torch.Generator().manual_seed(seed)
-    dout = torch.randn(out.shape, generator=g).to(out.dtype)
-    dlse = torch.randn(lse.shape, generator=g).to(lse.dtype)
+    dout = torch.randn(out.shape, generator=g).to(out)  # out's dtype and device
+    dlse = torch.randn(lse.shape, generator=g).to(lse)
     return (out, lse, *torch.autograd.grad((out, lse), (q, k, v), (dout, dlse)))
 
 
@@ -187,11 +188,12 @@ def test_torch_executor_equals_dense_reference_in_fp64(lay, ref, chunk):
 
 
 def test_triton_kernel_equals_dense_reference(lay, ref):
-    q, k, v = qkv(torch.float32)
-    got = run_and_grad(lambda *x: attend_layout(*x, lay, impl="triton"), q, k, v)
+    q, k, v = [x.detach().to(KERNEL_DEV).requires_grad_() for x in qkv(torch.float32)]
+    got = run_and_grad(lambda *x: attend_layout(*x, lay.to(KERNEL_DEV), impl="triton"), q, k, v)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
         assert torch.isfinite(a).all() or name == "lse", f"{name}: non-finite"
-        close(name, a, b, *TOL32["grad" if name.startswith("d") else name])
+        tol = TOL32["grad" if name.startswith("d") else name]
+        close(name, a.cpu(), b, *fp32_kernel_tol(*tol, grad=name.startswith("d")))
 
 
 def test_kernel_plan_bounds_are_the_entrys_window_and_far(lay):
