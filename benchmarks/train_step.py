@@ -84,11 +84,13 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import socket
 import statistics
 import sys
 import time
 import traceback
+from typing import Optional
 
 import torch
 
@@ -375,7 +377,11 @@ class ModulePatch:
 
 def apply_liger(model, name: str) -> tuple[ModulePatch, dict]:
     """ANCHORS.md's Liger set on this model instance; (module patch, a summary of what changed)."""
-    import liger_kernel.transformers as lk
+    try:
+        import liger_kernel.transformers as lk
+    except ModuleNotFoundError as e:
+        raise SkipCase(f"liger-kernel is not installed ({e}); the strong baseline needs "
+                       "`pip install liger-kernel`") from e
     if name.startswith("llama"):
         from transformers.models.llama import modeling_llama as modeling
         fn = lk.apply_liger_kernel_to_llama
@@ -514,12 +520,49 @@ def build(model_name: str, impl: str, T: int, dev, args=None):
                          keep_attention=not getattr(args, "recompute_attention", False))
 
 
-def run_case(model_name: str, impl: str, T: int, args, dev, profile: bool = False) -> dict:
+class CaseTimeout(Exception):
+    """A case ran past --case-timeout-s."""
+
+
+@contextlib.contextmanager
+def case_deadline(seconds: float):
+    """Raise CaseTimeout in the main thread after `seconds` (0: no deadline). Python runs the
+    handler between bytecodes, so a step blocked in one long GPU sync ends first."""
+    if not seconds or seconds <= 0:
+        yield
+        return
+
+    def fire(signum, frame):
+        raise CaseTimeout(f"case timeout after {seconds:.0f} s")
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def phase(row: dict, name: str, t0: float) -> None:
+    """Record the phase a case has reached (a timed-out or failed row keeps the last one) and
+    print it to stderr, so a run stopped from outside still shows where its time went."""
+    row["phase"], row["phase_s"] = name, round(time.perf_counter() - t0, 1)
+    T = row["length"]
+    size = f"{T // K}k" if T >= K else str(T)
+    print(f"[train_step] {row['model']} {row['impl']} {size}: {name} "
+          f"({row['phase_s']} s)", file=sys.stderr, flush=True)
+
+
+def run_case(model_name: str, impl: str, T: int, args, dev, profile: bool = False,
+             row: Optional[dict] = None) -> dict:
+    """Build, warm up and time one case; `row` (updated in place) keeps the phase reached."""
     shape = MODELS[model_name]
-    row = {"model": model_name, "impl": impl, "attention": attention_label(impl), "length": T}
+    row = {} if row is None else row
+    row.update(model=model_name, impl=impl, attention=attention_label(impl), length=T)
     torch.manual_seed(0)
     t_build = time.perf_counter()
     model, step, attn_call, extra, close = build(model_name, impl, T, dev, args)
+    phase(row, "built", t_build)
     try:
         return _run_built(row, shape, model, step, attn_call, extra, T, args, dev, profile, t_build)
     finally:
@@ -534,9 +577,13 @@ def _run_built(row, shape, model, step, attn_call, extra, T, args, dev, profile,
     if tune_at and T > tune_at:  # compiles every tile on a short step; long rows tune again
         step(make_batch(tune_at, shape["vocab_size"], dev))
         row["tuned_at"] = tune_at
+        sync(dev)
+        phase(row, f"tune step at {tune_at // K}k done", t_build)
     row["warmup_steps"] = args.warmup  # 0: the timed step also pays first-step costs
-    for _ in range(args.warmup):
+    for i in range(args.warmup):
         step(batch)
+        sync(dev)
+        phase(row, f"warmup step {i + 1} done", t_build)
     sync(dev)
     row["build_warmup_s"] = round(time.perf_counter() - t_build, 1)
     if dev.type == "cuda":
@@ -557,6 +604,7 @@ def _run_built(row, shape, model, step, attn_call, extra, T, args, dev, profile,
         loss = step(batch)
         sync(dev)
         times.append((time.perf_counter() - t0) * 1e3)
+        phase(row, f"timed step {len(times)}: {times[-1]:.0f} ms", t_build)
         if sum(times) >= args.timed_max_s * 1e3:
             break
     step_ms = statistics.median(times)
@@ -659,6 +707,10 @@ def main():
     ap.add_argument("--timed", type=int, default=3)
     ap.add_argument("--timed-max-s", type=float, default=float("inf"),
                     help="stop timing a case once its timed steps add up to this (at least one)")
+    ap.add_argument("--case-timeout-s", type=float, default=0.0,
+                    help="stop a case after this many seconds and write its row with status "
+                         "timeout and the phase it reached (build, tune step, warmup, timed "
+                         "steps); later lengths of its series are skipped")
     ap.add_argument("--budget-s", type=float, default=1e9,
                     help="skip a case whose predicted time would end past this many seconds")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
@@ -721,7 +773,8 @@ def main():
                                                 f"{elapsed:.0f} s used)")
         else:
             try:
-                row = run_case(model_name, impl, T, args, dev, profile)
+                with case_deadline(args.case_timeout_s):
+                    run_case(model_name, impl, T, args, dev, profile, row)
                 if profile:
                     row["status"] = "profile"
                 else:
@@ -730,6 +783,9 @@ def main():
                         last_mem[series] = (T, row["peak_gib"])
             except SkipCase as e:
                 row.update(status="skipped", reason=str(e)[:500])
+            except CaseTimeout as e:
+                row.update(status="timeout", error=str(e))
+                stopped.add(series)
             except Exception as e:  # noqa: BLE001
                 if is_oom(e):
                     row.update(status="oom", error=str(e).splitlines()[0][:300])
@@ -754,7 +810,7 @@ def main():
     if args.out:
         for line in open(args.out):
             r = json.loads(line)
-            if r.get("status") in ("ok", "oom", "skipped", "error"):
+            if r.get("status") in ("ok", "oom", "skipped", "error", "timeout"):
                 print(r["model"], r["impl"], r["length"], r["status"], r.get("tokens_per_s"),
                       r.get("step_ms"), r.get("peak_gib"), r.get("mfu_computed"),
                       r.get("mfu_dense_equiv"), r.get("attn_share"))
