@@ -421,3 +421,41 @@ def test_tuning_a_long_kernel_times_only_the_nearest_classes_three_best(monkeypa
     assert candidate_order(short[:7] + (5,), cfgs)[0] == cfgs[3]
     other = ("fwd",) + short[1:]
     assert candidate_order(other, cfgs) == cfgs  # no related class: the given order
+
+
+def test_tuning_stops_at_the_tile_every_related_class_chose_once_it_runs_long(monkeypatch):
+    """Two or more tuned classes that all chose one tile: a new class of that kernel times it
+    first and, if one run takes AGREED_RUN_MS, stops there; classes that disagree, or a fast
+    run, time the candidates as before."""
+    from dcwdist.kernels._block_sparse_plan import (AGREED_RUN_MS, LONG_RUN_MS, NARROW_TO,
+                                                    pick_config)
+    monkeypatch.setattr(_block_sparse_plan, "_TIMINGS", {})
+    cfgs = [(64, 64, 4, s) for s in range(6)]
+    key = ("dkdv", torch.bfloat16, 64, 64, 64, True, 15)
+    timed = []
+
+    def clock(ms_of):
+        def time_ms(cfg):
+            timed.append(cfg)
+            return ms_of(cfg)
+        return time_ms
+
+    fast_at_2 = lambda c: 5.0 + abs(c[3] - 2)  # noqa: E731
+    for bucket in (1, 2):  # two short classes, both choosing cfgs[2]
+        assert pick_config(key + (bucket,), cfgs, clock(fast_at_2)) == cfgs[2]
+    assert len(timed) == 12
+    timed.clear()
+    assert pick_config(key + (3,), cfgs, clock(lambda c: AGREED_RUN_MS + c[3])) == cfgs[2]
+    assert timed == [cfgs[2]]  # long and agreed: one timing
+    timed.clear()
+    assert pick_config(key + (4,), cfgs, clock(fast_at_2)) == cfgs[2]
+    assert len(timed) == 6  # short: every candidate, agreement or not
+    timed.clear()
+    # a class that chose another tile ends the agreement
+    assert pick_config(key + (5,), cfgs, clock(lambda c: 5.0 + abs(c[3] - 4))) == cfgs[4]
+    timed.clear()
+    pick_config(key + (6,), cfgs, clock(lambda c: AGREED_RUN_MS + c[3]))
+    assert len(timed) == 6  # no agreement, under LONG_RUN_MS: every candidate
+    timed.clear()
+    pick_config(key + (7,), cfgs, clock(lambda c: LONG_RUN_MS + c[3]))
+    assert len(timed) == NARROW_TO  # no agreement, very long: the nearest class's best three
