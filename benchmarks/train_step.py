@@ -69,9 +69,14 @@ sibling series: hf_liger <-> hf_liger_offload, dcwdist_dcw <-> dcwdist_dcw_zero1
 H100 prior per model). A case whose peak memory, extrapolated linearly from the series' last
 length, exceeds 1.25 x the GPU's memory is skipped as "predicted out of memory".
 --timed-max-s stops the timed steps once they add up to that many seconds (at least one).
+--case-timeout-s S stops a case after S seconds: its row gets status "timeout" and the phase it
+reached, and every phase is printed to stderr as it ends, so a run killed from outside still
+shows where its time went. --memory-sites adds one traced step per case (CUDA): the row's
+memory_peak lists the source lines whose tensors are alive at the step's peak.
 On CPU, Triton runs interpreted (TRITON_INTERPRET=1 is set when no GPU is seen): dcwdist's kernel
 runs (slowly; bf16 dots are not exact there). Liger's kernels do not run under the interpreter,
-so on CPU hf_liger* apply the patches, check them and report status "skipped".
+so on CPU hf_liger* apply the patches, check them and report status "skipped" (also when
+liger-kernel is not installed).
 """
 from __future__ import annotations
 
@@ -615,6 +620,13 @@ def _run_built(row, shape, model, step, attn_call, extra, T, args, dev, profile,
         row["reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         if impl.endswith("_offload") or (impl.startswith("dcwdist_") and args.offload_activations):
             row.update(host_pinned_stats())
+    if getattr(args, "memory_sites", False):  # one more step, its allocations traced
+        if dev.type == "cuda":
+            from memory_peak import record_peak_sites
+            row["memory_peak"] = record_peak_sites(lambda: step(batch))
+            phase(row, "memory-sites step done", t_build)
+        else:
+            row["memory_peak"] = "needs CUDA"
     row.update(extra(T))
     if impl.startswith("dcwdist"):  # which tile each kernel ran with, per tuning key
         from dcwdist.kernels import _block_sparse_plan
@@ -707,6 +719,10 @@ def main():
     ap.add_argument("--timed", type=int, default=3)
     ap.add_argument("--timed-max-s", type=float, default=float("inf"),
                     help="stop timing a case once its timed steps add up to this (at least one)")
+    ap.add_argument("--memory-sites", action="store_true",
+                    help="after the timed steps, one more step with the CUDA allocation history "
+                         "on: the row's memory_peak names the source lines whose tensors are "
+                         "alive at the step's peak (benchmarks/memory_peak.py)")
     ap.add_argument("--case-timeout-s", type=float, default=0.0,
                     help="stop a case after this many seconds and write its row with status "
                          "timeout and the phase it reached (build, tune step, warmup, timed "
