@@ -395,6 +395,17 @@ def test_gpu_atomic_dq_matches_reference(name, monkeypatch):
     check(lay, H, Hkv, gather, torch.bfloat16, D=128, deterministic=False)
 
 
+def recording_clock(timed: list):
+    """clock(ms_of) -> a tuner timing function that returns ms_of(cfg) and appends cfg to
+    `timed`, so a test sees which configs the tuner timed, in order."""
+    def clock(ms_of):
+        def time_ms(cfg):
+            timed.append(cfg)
+            return ms_of(cfg)
+        return time_ms
+    return clock
+
+
 def test_tuning_a_long_kernel_times_only_the_nearest_classes_three_best(monkeypatch):
     """A 1M / 2M kernel runs for seconds: its tuning starts from the ranking of the longest
     related class already tuned and stops after three configs; a short kernel times all."""
@@ -403,12 +414,7 @@ def test_tuning_a_long_kernel_times_only_the_nearest_classes_three_best(monkeypa
     cfgs = [(64, 64, 4, s) for s in range(6)]
     short = ("dkdv", torch.bfloat16, 64, 64, 64, True, 15, 2)
     timed = []
-
-    def clock(ms_of):
-        def time_ms(cfg):
-            timed.append(cfg)
-            return ms_of(cfg)
-        return time_ms
+    clock = recording_clock(timed)
 
     assert pick_config(short, cfgs, clock(lambda c: 10.0 - c[3])) == cfgs[5]
     assert timed == cfgs  # fast: every config timed, in the given order
@@ -433,12 +439,7 @@ def test_tuning_stops_at_the_tile_every_related_class_chose_once_it_runs_long(mo
     cfgs = [(64, 64, 4, s) for s in range(6)]
     key = ("dkdv", torch.bfloat16, 64, 64, 64, True, 15)
     timed = []
-
-    def clock(ms_of):
-        def time_ms(cfg):
-            timed.append(cfg)
-            return ms_of(cfg)
-        return time_ms
+    clock = recording_clock(timed)
 
     fast_at_2 = lambda c: 5.0 + abs(c[3] - 2)  # noqa: E731
     for bucket in (1, 2):  # two short classes, both choosing cfgs[2]
