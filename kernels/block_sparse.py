@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from dcwdist.attention.layout import BlockLayout
+from dcwdist.kernels import _block_sparse_plan
 from dcwdist.kernels import _block_sparse_triton as _k
 from dcwdist.kernels._block_sparse_plan import (KernelPlan, kernel_plan, launch_tuned,
                                                 spanned_csr, sub_tiles)
@@ -65,18 +66,24 @@ _FORCED: dict = {}
 def force_tiles(**tiles):
     """Run the named kernels ("fwd", "dq", "dkdv") with the given (BLOCK_M, BLOCK_N, num_warps,
     num_stages) tile inside the block, e.g. `with force_tiles(dkdv=(32, 128, 8, 2)): ...`. A tile
-    that does not fit the layout's blocks raises ValueError at launch."""
+    that does not fit the layout's blocks raises ValueError at launch. The block starts with no
+    tuned tiles, and the tiles chosen inside it are dropped at its end (the tuning from before
+    comes back), so a forced tile neither meets an earlier choice nor outlives the block."""
     unknown = set(tiles) - set(_TABLES)
     if unknown:
         raise ValueError(f"force_tiles: unknown kernel(s) {sorted(unknown)}; "
                          f"allowed: {sorted(_TABLES)}")
-    old = dict(_FORCED)
+    tuned = _block_sparse_plan._TUNED
+    old_forced, old_tuned = dict(_FORCED), dict(tuned)
     _FORCED.update({k: tuple(v) for k, v in tiles.items()})
+    tuned.clear()
     try:
         yield
     finally:
         _FORCED.clear()
-        _FORCED.update(old)
+        _FORCED.update(old_forced)
+        tuned.clear()
+        tuned.update(old_tuned)
 
 
 def block_sparse_attention(q_BTHD: torch.Tensor, k_BSKD: torch.Tensor, v_BSKD: torch.Tensor,

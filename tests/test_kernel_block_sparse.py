@@ -239,27 +239,45 @@ SPAN_CASES = [("causal_b16_gqa", 2), ("window_24_b16", 2), ("strided_far16_b16_g
 
 
 @pytest.mark.parametrize("name,span", SPAN_CASES)
-def test_dkdv_tiles_spanning_adjacent_key_blocks_match_reference(name, span, monkeypatch):
+def test_dkdv_tiles_spanning_adjacent_key_blocks_match_reference(name, span):
     """A dK/dV tile over `span` adjacent key blocks walks the union of their columns, each block
     with its own bounds and a missing block masked: the same gradients as the reference."""
     from dcwdist.kernels import block_sparse as bs
     lay, H, Hkv, gather = CASES[name]()
     cfg = (16, span * lay.k_block, 4, 1)
     assert bs._fits(cfg, lay.q_block, lay.k_block, 0, lay.num_k_blocks)
-    monkeypatch.setattr(_block_sparse_plan, "_TUNED", {})  # no tile chosen by an earlier test
-    with bs.force_tiles(dkdv=cfg):
+    with bs.force_tiles(dkdv=cfg):  # starts with no tuned tile
         check(lay, H, Hkv, gather, torch.float32)
-    chosen = [c for key, c in _block_sparse_plan._TUNED.items() if key[0] == "dkdv"]
+        chosen = [c for key, c in _block_sparse_plan._TUNED.items() if key[0] == "dkdv"]
     assert chosen == [cfg]
 
 
 @pytest.mark.parametrize("name", ["causal_b16_gqa", "random_q16_k32_batch2"])
-def test_spanning_dkdv_with_atomic_dq_matches_reference(name, monkeypatch):
+def test_spanning_dkdv_with_atomic_dq_matches_reference(name):
     from dcwdist.kernels import block_sparse as bs
     lay, H, Hkv, gather = CASES[name]()
-    monkeypatch.setattr(_block_sparse_plan, "_TUNED", {})
     with bs.force_tiles(dkdv=(16, 2 * lay.k_block, 4, 1)):
         check(lay, H, Hkv, gather, torch.float32, deterministic=False)
+
+
+def test_forced_tiles_neither_meet_nor_outlive_the_tuning_around_them(monkeypatch):
+    from dcwdist.kernels import block_sparse as bs
+    monkeypatch.setattr(_block_sparse_plan, "_TUNED", {})
+    lay, H, Hkv, gather = CASES["causal_b16_gqa"]()
+    check(lay, H, Hkv, gather, torch.float32)
+    before = dict(_block_sparse_plan._TUNED)
+    forced = (16, 2 * lay.k_block, 4, 1)
+    assert before and forced not in before.values()
+    with bs.force_tiles(dkdv=forced):
+        check(lay, H, Hkv, gather, torch.float32)  # same keys as before: the forced tile runs
+        assert forced in _block_sparse_plan._TUNED.values()
+    assert _block_sparse_plan._TUNED == before
+    with pytest.raises(ValueError, match="unknown kernel"):
+        with bs.force_tiles(bwd=forced):
+            pass
+    with pytest.raises(ValueError, match="does not fit"):
+        with bs.force_tiles(dkdv=(16, 24, 4, 1)):
+            check(lay, H, Hkv, gather, torch.float32)
 
 
 def test_spanned_csr_is_the_union_of_its_blocks_columns():
@@ -294,8 +312,7 @@ Q_SPAN_CASES = [("causal_b16_gqa", 2), ("window_24_b16", 2), ("random_q16_k16", 
 
 
 @pytest.mark.parametrize("name,span", Q_SPAN_CASES)
-def test_forward_and_dq_tiles_spanning_adjacent_query_blocks_match_reference(name, span,
-                                                                              monkeypatch):
+def test_forward_and_dq_tiles_spanning_adjacent_query_blocks_match_reference(name, span):
     """A forward / dQ tile over `span` adjacent query blocks walks the union of their rows,
     each block with its own bounds (rows of a block without the entry masked, rows with no
     key at all giving out 0 and lse -inf): the same outputs and gradients as the reference."""
@@ -303,10 +320,9 @@ def test_forward_and_dq_tiles_spanning_adjacent_query_blocks_match_reference(nam
     lay, H, Hkv, gather = CASES[name]()
     cfg = (span * lay.q_block, min(lay.k_block, 16) if lay.k_block >= 16 else 16, 4, 1)
     assert bs._fits(cfg, lay.q_block, lay.k_block, lay.num_q_blocks, 0)
-    monkeypatch.setattr(_block_sparse_plan, "_TUNED", {})
     with bs.force_tiles(fwd=cfg, dq=cfg):
         check(lay, H, Hkv, gather, torch.float32)
-    chosen = {key[0]: c for key, c in _block_sparse_plan._TUNED.items()}
+        chosen = {key[0]: c for key, c in _block_sparse_plan._TUNED.items()}
     assert chosen["fwd"] == cfg and chosen["dq"] == cfg and chosen["dkdv"] != cfg
 
 
