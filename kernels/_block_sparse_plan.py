@@ -290,8 +290,9 @@ def pick_config(key: tuple, configs: list, time_ms: Callable[[tuple], float]) ->
     fastest so far took LONG_RUN_MS or more, and after one when the related classes agree on it
     and it took AGREED_RUN_MS (see there). A config that needs more resources than the GPU has
     is skipped. Timings are kept for candidate_order."""
-    winners = {_TIMINGS[k][0][1] for k in _related(key)}
-    agreed = len(_related(key)) >= 2 and len(winners) == 1
+    related = _related(key)
+    winners = {_TIMINGS[k][0][1] for k in related}
+    agreed = len(related) >= 2 and len(winners) == 1
     timings = []
     for cfg in candidate_order(key, configs):
         if len(timings) >= NARROW_TO and min(timings)[0] >= LONG_RUN_MS:
