@@ -23,11 +23,13 @@ LABELS = {"hf_sdpa": "transformers SDPA + ckpt", "dcwdist_dense": "dcwdist dense
           "hf_liger": "transformers + Liger + ckpt",
           "hf_liger_offload": "transformers + Liger + ckpt + CPU offload",
           "dcwdist_dcw_zero1": "dcwdist DCW, DeepSpeed ZeRO-1 bf16",
-          "dcwdist_dense_zero1": "dcwdist dense, DeepSpeed ZeRO-1 bf16"}
+          "dcwdist_dense_zero1": "dcwdist dense, DeepSpeed ZeRO-1 bf16",
+          "dcwdist_sdpa_zero1": "dcwdist dense (torch SDPA), DeepSpeed ZeRO-1 bf16"}
 STYLE = {"qwen2_100m": "-", "llama3.2_1b": "--"}
 COLOR = {"hf_sdpa": "tab:gray", "dcwdist_dense": "tab:blue", "dcwdist_dcw": "tab:red",
          "hf_liger": "tab:green", "hf_liger_offload": "tab:olive",
-         "dcwdist_dcw_zero1": "tab:purple", "dcwdist_dense_zero1": "tab:cyan"}
+         "dcwdist_dcw_zero1": "tab:purple", "dcwdist_dense_zero1": "tab:cyan",
+         "dcwdist_sdpa_zero1": "tab:brown"}
 
 
 def variant(r: dict) -> str:
@@ -36,11 +38,19 @@ def variant(r: dict) -> str:
     if impl.startswith("dcwdist_"):
         impl += "_offload" if r.get("offload_activations") else ""
         impl += "_tiled" if r.get("tiled_mlp") else ""
+        impl += "_recompute" if r.get("keep_attention_outputs") is False else ""
+        core = r.get("tier_core")
+        if core is not None and abs(core - 0.2) > 0.02:  # a core tier other than the default
+            impl += f"_core{round(core * 100)}%"
     return impl
 
 
 def base_impl(v: str) -> str:
-    return v.removesuffix("_tiled").removesuffix("_offload") if v.startswith("dcwdist_") else v
+    """The impl a series name starts with (variant() appends the memory options)."""
+    if not v.startswith("dcwdist_"):
+        return v
+    return next((k for k in sorted(LABELS, key=len, reverse=True)
+                 if v == k or v.startswith(k + "_")), v)
 
 
 def load(paths):
@@ -84,13 +94,18 @@ def main():
         label = f"{model} · {LABELS.get(impl, impl)}{extra}"
         kw = dict(color=COLOR.get(impl), linestyle=STYLE.get(model, "-"),
                   marker="s" if extra else "o")
-        for r in cold:  # a first step (pinned host allocation, tuning): hollow marker
-            for ax, val in ((ax_t, r["tokens_per_s"]), (ax_m, r.get("peak_gib"))):
-                if val is not None:
-                    ax.plot([r["length"]], [val], marker="D", fillstyle="none",
-                            color=COLOR.get(impl), linestyle="none")
-        if cold:
-            label += " (hollow: cold first step)"
+        short = {"qwen2_100m": "100M", "llama3.2_1b": "1B"}.get(model, model)
+        for ax, key in ((ax_t, "tokens_per_s"), (ax_m, "peak_gib")):
+            # a first step (pinned host allocation, compiling, tuning): hollow, labelled marker
+            pts_c = [r for r in cold if r.get(key) is not None]
+            if not pts_c:
+                continue
+            ax.plot([r["length"] for r in pts_c], [r[key] for r in pts_c], marker="D",
+                    fillstyle="none", color=COLOR.get(impl), linestyle="none",
+                    label=f"{label} (cold first step)" if ax is ax_t else None)
+            for r in pts_c:
+                ax.annotate(short, (r["length"], r[key]), fontsize=7, xytext=(5, 3),
+                            textcoords="offset points")
         if ok:
             ax_t.plot([r["length"] for r in ok], [r["tokens_per_s"] for r in ok], label=label, **kw)
             mem = [r for r in ok if r.get("peak_gib") is not None]  # none on CPU

@@ -32,6 +32,9 @@ Impls:
                  model(input_ids, labels) loss (full logits), torch AdamW(fused=True), no clip.
   dcwdist_dense  dcwdist Transformer, attention kind=dense impl=triton (block-sparse kernel, dense
                  causal layout), block 64; dcwdist's TorchBackend (AdamW + grad-norm clip 1.0).
+  dcwdist_sdpa   dcwdist Transformer, attention kind=dense impl=torch: torch SDPA (flash / cuDNN on
+                 a GPU), recomputed in backward like the baselines (keep_attention_outputs is
+                 for the Triton kernels).
   dcwdist_dcw    the same with kind=dcw impl=triton, block 64: the segmenter (scorer, causal tiers)
                  runs inside every forward; tiers come from the random-init scorer under the
                  running caps (about 20% core / 30% buffer / 50% background blocks).
@@ -140,7 +143,8 @@ PLANS = {
             + [("qwen2_100m", "hf_sdpa", 128 * K), ("profile", "dcwdist_dcw", 32 * K)]
             + [("qwen2_100m", "dcwdist_dcw", L) for L in (256 * K, 512 * K)]
             + [("llama3.2_1b", "dcwdist_dcw", L) for L in (8 * K, 32 * K)]),
-    "tiny": ([("tiny", i, L) for L in (256, 512) for i in ("hf_sdpa", "dcwdist_dense", "dcwdist_dcw")]
+    "tiny": ([("tiny", i, L) for L in (256, 512)
+              for i in ("hf_sdpa", "dcwdist_dense", "dcwdist_sdpa_zero1", "dcwdist_dcw")]
              + [("profile_tiny", "dcwdist_dcw", 512)]),
     # The ANCHORS.md strong baseline (Liger; "offload" where the anchor has it) against DCW through
     # TorchBackend and through DeepSpeed ZeRO-1, in priority order for one ~9-minute device call:
@@ -183,6 +187,10 @@ PLANS = {
     # --tiled-mlp and --offload-activations); 512k / 256k first for the memory comparison
     "long_v3": [("qwen2_100m", "dcwdist_dcw_zero1", L) for L in (512 * K, 1024 * K, 2048 * K)],
     "long_v3_1b": [("llama3.2_1b", "dcwdist_dcw_zero1", L) for L in (256 * K, 512 * K, 1024 * K)],
+    # dcwdist dense against the strong baseline at 128k: the Triton dense layout and torch's
+    # SDPA, both through the trainer's DeepSpeed bf16 path
+    "dense_v5": [(m, i, 128 * K) for m in ("qwen2_100m", "llama3.2_1b")
+                 for i in ("dcwdist_sdpa_zero1", "dcwdist_dense_zero1")],
     # where the 100M model's 1M step spends its time (with the long-sequence flags)
     "profile_1m": [("profile", "dcwdist_dcw_zero1", 1024 * K)],
     # --smoke (CPU): every impl once at tiny shapes
@@ -212,6 +220,8 @@ def family(impl: str) -> str:
 def attention_label(impl: str) -> str:
     if impl.startswith("hf_"):
         return "dense (SDPA)"
+    if impl.startswith("dcwdist_sdpa"):
+        return "dense (torch SDPA)"
     return f"{impl.removeprefix('dcwdist_').split('_')[0]} (triton)"
 
 
@@ -276,11 +286,15 @@ def ensure_process_group(dev) -> None:
 
 
 def build_dcwdist(shape: dict, kind: str, dev, zero_stage: int | None = None,
-                  tiled_mlp: int = 0, offload: bool = False, keep_attention: bool = True):
+                  tiled_mlp: int = 0, offload: bool = False, keep_attention: bool = True,
+                  core_ratio: float = 0.0):
     mcfg = ModelConfig(**shape, activation_checkpointing=True, tiled_mlp=tiled_mlp,
                        offload_activations=offload, keep_attention_outputs=keep_attention)
-    acfg = AttentionConfig(kind=kind, impl="triton", block_size=64)
-    job = JobConfig(model=mcfg, attention=acfg, segmentation=SegmentationConfig())
+    # "sdpa": the dense kind through impl=torch, i.e. torch's SDPA (flash / cuDNN on a GPU)
+    acfg = AttentionConfig(kind="dense" if kind == "sdpa" else kind,
+                           impl="torch" if kind == "sdpa" else "triton", block_size=64)
+    seg = SegmentationConfig(core_ratio=core_ratio) if core_ratio else SegmentationConfig()
+    job = JobConfig(model=mcfg, attention=acfg, segmentation=seg)
     with torch.device(dev):
         model = build_model(job, acfg)
     model.to(dev).train()
@@ -517,12 +531,13 @@ def build(model_name: str, impl: str, T: int, dev, args=None):
     if not impl.startswith("dcwdist_"):
         raise ValueError(f"unknown impl {impl}")
     kind, _, zero = impl.removeprefix("dcwdist_").partition("_zero")
-    if kind not in ("dense", "dcw") or zero not in ("", "0", "1", "2", "3"):
+    if kind not in ("dense", "sdpa", "dcw") or zero not in ("", "0", "1", "2", "3"):
         raise ValueError(f"unknown impl {impl}")
     return build_dcwdist(shape, kind, dev, int(zero) if zero else None,
                          tiled_mlp=getattr(args, "tiled_mlp", 0),
                          offload=getattr(args, "offload_activations", False),
-                         keep_attention=not getattr(args, "recompute_attention", False))
+                         keep_attention=not getattr(args, "recompute_attention", False),
+                         core_ratio=getattr(args, "core_ratio", 0.0))
 
 
 class CaseTimeout(Exception):
@@ -568,10 +583,55 @@ def run_case(model_name: str, impl: str, T: int, args, dev, profile: bool = Fals
     t_build = time.perf_counter()
     model, step, attn_call, extra, close = build(model_name, impl, T, dev, args)
     phase(row, "built", t_build)
+    tiles = getattr(args, "tiles", None) or {}
+    hooks = trace_layers(model, row, dev, t_build) if getattr(args, "trace_layers", False) else []
     try:
+        if tiles and impl.startswith("dcwdist"):
+            from dcwdist.kernels.block_sparse import force_tiles
+            row["forced_tiles"] = {k: list(v) for k, v in tiles.items()}
+            with force_tiles(**tiles):
+                return _run_built(row, shape, model, step, attn_call, extra, T, args, dev,
+                                  profile, t_build)
         return _run_built(row, shape, model, step, attn_call, extra, T, args, dev, profile, t_build)
     finally:
+        for h in hooks:
+            h.remove()
         close()
+
+
+def trace_layers(model, row: dict, dev, t0: float) -> list:
+    """Phase marks inside a step: each layer's forward and the arrival of its output's gradient
+    in backward, with a device sync, so a case that runs out of time says how far its step
+    got and how long each pass takes."""
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        return []
+
+    def on_forward(i):
+        def hook(module, inputs, output):
+            if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
+                return  # the checkpoint's recompute inside backward: marked by the gradients
+            sync(dev)
+            phase(row, f"layer {i} forward done", t0)
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                def on_grad(grad):
+                    sync(dev)
+                    phase(row, f"layer {i} output gradient ready", t0)
+                output.register_hook(on_grad)
+        return hook
+    return [layer.register_forward_hook(on_forward(i)) for i, layer in enumerate(layers)]
+
+
+def parse_tiles(specs: list[str]) -> dict:
+    """["fwd=64,64,4,3", ...] -> {"fwd": (64, 64, 4, 3), ...} (block_sparse.force_tiles)."""
+    out = {}
+    for spec in specs or []:
+        name, sep, value = spec.partition("=")
+        parts = value.split(",")
+        if not sep or len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+            raise SystemExit(f"--tiles: expected KERNEL=BLOCK_M,BLOCK_N,WARPS,STAGES, got {spec!r}")
+        out[name] = tuple(int(p) for p in parts)
+    return out
 
 
 def _run_built(row, shape, model, step, attn_call, extra, T, args, dev, profile, t_build) -> dict:
@@ -748,10 +808,22 @@ def main():
                          "compiles there; tuning runs again at the long length only for "
                          "kernels whose rows fall in a new work bucket (mean entries per row, "
                          "log4; kernels/block_sparse.py _tune_key)")
+    ap.add_argument("--tiles", nargs="*", default=None, metavar="KERNEL=M,N,W,S",
+                    help="dcwdist impls: run the block-sparse kernels with these tiles and no "
+                         "tuning (block_sparse.force_tiles), e.g. fwd=64,64,4,3 dq=64,64,4,3 "
+                         "dkdv=64,64,4,2: the long lengths skip the cold step's tuning")
+    ap.add_argument("--core-ratio", type=float, default=0.0, metavar="R",
+                    help="dcw impls: segmentation.core_ratio=R (default 0.2): the core tier's "
+                         "share of blocks, whose full-prefix attention grows with the square of "
+                         "the length")
+    ap.add_argument("--trace-layers", action="store_true",
+                    help="print (and keep as the row's phase) each layer's forward, recompute "
+                         "and output gradient as the step reaches it, with a device sync")
     ap.add_argument("--recompute-attention", action="store_true",
                     help="dcwdist impls: model.keep_attention_outputs=false (the checkpoint "
                          "recompute runs the attention forward again)")
     args = ap.parse_args()
+    args.tiles = parse_tiles(args.tiles)
     if args.smoke:
         args.plan, args.timed, args.attn_share = "smoke", 1, False
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
