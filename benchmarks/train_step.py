@@ -195,7 +195,8 @@ PLANS = {
     "profile_1m": [("profile", "dcwdist_dcw_zero1", 1024 * K)],
     # --smoke (CPU): every impl once at tiny shapes
     "smoke": [("tiny", i, 256) for i in ("hf_sdpa", "hf_sdpa_offload", "hf_liger",
-                                         "hf_liger_offload", "dcwdist_dcw", "dcwdist_dcw_zero1")],
+                                         "hf_liger_offload", "dcwdist_dcw", "dcwdist_dcw_zero1",
+                                         "dcwdist_sdpa_zero1")],
 }
 # rough H100 seconds per step at 128k (2026-11-25 run and the anchors), for a series' first case
 PRIOR_S_128K = {"qwen2_100m": 4.0, "llama3.2_1b": 15.0, "tiny": 0.01}
