@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                    create_selective_checkpoint_contexts, noop_context_fn)
 
 
 def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x_BTD: torch.Tensor,
@@ -197,6 +198,29 @@ class KeptOutputs:
 
     def __len__(self) -> int:
         return len(self._kept)
+
+
+# torch's fused SDPA kernels (flash, memory-efficient, cuDNN, CPU flash), whichever this build has
+_SDPA_OPS = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention",
+                 "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name))
+
+
+def _keep_sdpa(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SDPA_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_context(keep_sdpa: bool) -> Callable:
+    """`context_fn` for a layer's non-reentrant checkpoint. keep_sdpa: torch's SDPA outputs (and
+    LSE) are kept from the forward, so the recompute skips them: `KeptOutputs` for the torch
+    attention path, through selective checkpointing (torchtitan's policy). The kept tensors live
+    in the checkpoint's own cache, on the device: `OffloadSaved` does not see them."""
+    if not keep_sdpa:
+        return noop_context_fn
+    return lambda: create_selective_checkpoint_contexts(_keep_sdpa)
 
 
 class LiveBytes(TorchDispatchMode):

@@ -39,7 +39,8 @@ class ModelConfig:
     """With activation_checkpointing: keep each attention kernel's output (and LSE) from the
     forward so the recompute in backward skips the attention forward (torchtitan's selective
     checkpointing saves SDPA outputs alike). Costs one [tokens, heads*head_dim] tensor per
-    layer (offloaded with offload_activations); the Triton path only."""
+    layer. Triton path: offloaded with offload_activations; torch path (attention.impl=torch):
+    torch's SDPA outputs, kept by a selective-checkpoint policy, on the device."""
     offload_activations: bool = False
     """Keep what training saves between forward and backward at hidden-state size (each
     checkpointed layer's input, the final norm's input, the loss's hidden gradient) in host

@@ -15,7 +15,7 @@ from dcwdist.attention import AttentionConfig, AttnContext, build_attention
 from dcwdist.kernels.rmsnorm import rms_norm, rms_norm_reference
 from dcwdist.kernels.rope import apply_rope_fused
 from dcwdist.kernels.swiglu import swiglu, swiglu_reference
-from dcwdist.model.activations import KeptOutputs, OffloadSaved, tiled
+from dcwdist.model.activations import KeptOutputs, OffloadSaved, checkpoint_context, tiled
 from dcwdist.model.config import ModelConfig
 from dcwdist.model.loss import chunked_cross_entropy_sum
 from dcwdist.model.rope import RopeConfig, apply_rope, rope_cos_sin
@@ -176,10 +176,13 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.rope_cfg, self.cfg.head_dim, ctx.positions, h.dtype)
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         keep = ckpt and self.cfg.keep_attention_outputs
+        # the torch attention path keeps SDPA's outputs through the checkpoint's policy
+        context_fn = checkpoint_context(keep and self.attn_cfg.impl == "torch")
         if not (ckpt and self.cfg.offload_activations):
             ctx.kept = KeptOutputs() if keep else None
             for layer in self.layers:
-                h = (checkpoint(layer, h, cos, sin, ctx, use_reentrant=False) if ckpt
+                h = (checkpoint(layer, h, cos, sin, ctx, use_reentrant=False,
+                                context_fn=context_fn) if ckpt
                      else layer(h, cos, sin, ctx))
             h = self.norm(h)
             return h if labels_BT is None else self.loss_sum(h, labels_BT)
@@ -192,7 +195,8 @@ class Transformer(nn.Module):
         with offload:
             for i, layer in enumerate(self.layers):
                 offload.begin_group(i)
-                h = checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, ctx, use_reentrant=False,
+                               context_fn=context_fn)
             offload.begin_group(len(self.layers))
             h = checkpoint(self.norm, h, use_reentrant=False)
             out = h if labels_BT is None else self.loss_sum(h, labels_BT)
