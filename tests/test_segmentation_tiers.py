@@ -83,8 +83,10 @@ def test_block_info_rejects_documents_not_at_block_boundaries():
         block_info(doc, None, BLK)
 
 
-def sequential_causal_tiers(dec, info, core_ratio, buffer_ratio, tau_core, tau_buffer, slack):
-    """The running-cap rule one block at a time (the specification)."""
+def sequential_causal_tiers(dec, info, core_ratio, buffer_ratio, tau_core, tau_buffer, slack,
+                            roles_core=False):
+    """The running-cap rule one block at a time (the specification); with roles_core,
+    instruction / answer blocks are core and count in neither cap."""
     tiers = torch.full(dec.shape, TIER_BACKGROUND, dtype=torch.long)
     for b in range(dec.shape[0]):
         n_core = n_buf = 0
@@ -94,6 +96,9 @@ def sequential_causal_tiers(dec, info, core_ratio, buffer_ratio, tau_core, tau_b
             k = int(info.index[b, j])
             if info.first[b, j]:
                 n_core, n_buf, tiers[b, j] = 1, 0, TIER_CORE
+                continue
+            if roles_core and info.forced[b, j]:
+                tiers[b, j] = TIER_CORE
                 continue
             s = float(dec[b, j])
             if s >= tau_core and n_core + 1 <= max(1, math.floor(core_ratio * (k + 1) + slack + 1e-9)):
@@ -126,3 +131,31 @@ def test_causal_running_cap_matches_the_sequential_rule(slack):
                 assert ((t == TIER_BUFFER).cumsum(0) <= 0.3 * n + slack + 1e-9).all()
                 assert t[0] == TIER_CORE
         assert (got[~info.real] == TIER_BACKGROUND).all()
+
+
+def test_causal_instruction_and_answer_blocks_are_core_outside_the_cap():
+    """segmentation.answer_core: in causal mode too, blocks with instruction / answer tokens
+    are core whatever the score that decides them, and take no core slot from later blocks."""
+    g = torch.Generator().manual_seed(2)
+    rows = [packed_row(b, instr_blocks=2, answer_blocks=a) for b, a in (([13, 40, 6], 1),
+                                                                        ([25, 30], 2))]
+    L = max(r[0].shape[1] for r in rows)
+    doc = torch.cat([torch.nn.functional.pad(r[0], (0, L - r[0].shape[1]), value=-1)
+                     for r in rows])
+    roles = torch.cat([torch.nn.functional.pad(r[1], (0, L - r[1].shape[1]), value=ROLE_PAD)
+                       for r in rows])
+    info = block_info(doc, roles, BLK)
+    for trial in range(4):
+        dec = torch.rand(info.doc.shape, generator=g) ** (0.3 + trial * 0.4)
+        dec[info.forced] = 0.0  # the lowest score: only the role makes these core
+        args = (0.2, 0.3, 0.5, 0.3, 1.0)
+        on = causal_tiers(dec, info, *args, roles_core=True)
+        assert torch.equal(on, sequential_causal_tiers(dec, info, *args, roles_core=True))
+        assert (on[info.forced] == TIER_CORE).all()
+        off = causal_tiers(dec, info, *args, roles_core=False)
+        assert torch.equal(off, sequential_causal_tiers(dec, info, *args))
+        assert (off[info.forced & ~info.first] != TIER_CORE).all()
+        # the other blocks' tiers are the same either way: a role-core block takes no slot
+        # (and with the rule off, its zero score asked for none)
+        rest = ~info.forced
+        assert torch.equal(on[rest], off[rest])

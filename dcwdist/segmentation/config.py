@@ -36,6 +36,11 @@ class SegmentationConfig:
     """Recompute each scorer encoder layer in backward (training): the scorer keeps one [T,
     scorer_dim] input per layer instead of ~20 (about 20 GiB at 1M tokens), for one more
     forward of a model ~1% of the main one's FLOPs."""
+    answer_core: bool = True
+    """causal mode: blocks holding an instruction or answer token are core (full-prefix
+    attention), outside the running cap, as prefix mode always does. Generation decodes answer
+    tokens with dense attention over the cache, so this makes training see what decoding does.
+    false: those blocks are tiered by score like any other (quality trials 1-7 ran so)."""
     cap_slack: float = 1.0
     """causal mode: blocks of headroom the running cap allows above ratio * prefix blocks."""
     summary_source: Literal["tier", "content"] = "tier"

@@ -11,7 +11,8 @@ values by s / s.detach(), a straight-through weight of exactly 1):
 - prefix: the mean token score of a document block; blocks with instruction/answer tokens
   (always core) and padding carry the constant 1 / 0.
 - causal: block b carries the score that decided it, the one at the last token of block b-1;
-  a document's first block (always core) carries the constant 1, padding 0.
+  a document's first block (always core) and, with segmentation.answer_core, blocks with
+  instruction/answer tokens (core too) carry the constant 1, padding 0.
 
 Summary sources (segmentation.summary_source). tier: the core blocks' summaries serve later
 non-core blocks; nothing extra is stored. content (causal mode only): the scorer has a second,
@@ -91,12 +92,17 @@ class Segmenter(nn.Module):
         if self.causal:
             last = _blocks(s_BT, blk)[:, :, -1]  # score at each block's last token
             decided = torch.nn.functional.pad(last, (1, 0))[:, :-1]
-            return torch.where(info.first, 1.0, torch.where(info.real, decided, 0.0))
+            return torch.where(info.first | self._role_core(info), 1.0,
+                               torch.where(info.real, decided, 0.0))
         read = doc_BT >= 0 if roles_BT is None else (doc_BT >= 0) & (roles_BT != ROLE_ANSWER)
         scored = _blocks(read, blk, False)
         s = _blocks(s_BT, blk)
         mean = (s * scored).sum(-1) / scored.sum(-1).clamp_min(1)
         return torch.where(info.forced, 1.0, torch.where(info.real, mean, 0.0))
+
+    def _role_core(self, info: BlockInfo) -> torch.Tensor:
+        """[B, NB] causal-mode blocks that are core by their roles (segmentation.answer_core)."""
+        return info.forced if self.cfg.answer_core else torch.zeros_like(info.forced)
 
     def oracle_scores(self, doc_BT, relevance_BT, roles_BT) -> torch.Tensor:
         """[B, T] the labels the learned scorer is trained to predict, as scores in {0, 1}."""
@@ -132,7 +138,7 @@ class Segmenter(nn.Module):
         scores = self.block_scores(s_in, doc, roles, info)
         if self.causal:
             tiers = causal_tiers(scores, info, cfg.core_ratio, cfg.buffer_ratio, cfg.tau_core,
-                                 cfg.tau_buffer, cfg.cap_slack)
+                                 cfg.tau_buffer, cfg.cap_slack, cfg.answer_core)
         else:
             tiers = prefix_tiers(scores, info, cfg.core_ratio, cfg.buffer_ratio)
         ctx.tiers, ctx.block_scores = tiers, scores
@@ -181,7 +187,8 @@ class Segmenter(nn.Module):
         summary_recall = zero
         if relevance is not None:
             # Blocks whose tier the score decided, in labelled documents.
-            scored = real & (info.first.logical_not() if self.causal else ~info.forced)
+            scored = real & (~(info.first | self._role_core(info)) if self.causal
+                             else ~info.forced)
             scored &= _blocks(mask, blk, False).any(-1)
             rel = _blocks(relevance > 0, blk, False).any(-1)
             core = (tiers == TIER_CORE) & scored

@@ -13,7 +13,11 @@ causal: block b's tier comes from `decision` [B, NB], the score at the last toke
   core if decision >= tau_core and the document's core count over blocks 0..k stays within
   floor(core_ratio * (k + 1) + cap_slack) (at least 1: the first block); otherwise buffer if
   decision >= tau_buffer (or it wanted core but hit the cap) and the buffer count stays within
-  floor(buffer_ratio * (k + 1) + cap_slack); otherwise background.
+  floor(buffer_ratio * (k + 1) + cap_slack); otherwise background. With `roles_core` (the
+  default, segmentation.answer_core), blocks holding an instruction or answer token are core
+  too, outside the cap, as in prefix mode: roles are known before the block is read (the
+  decoder marks generated tokens as answer), and generation attends densely for answer tokens,
+  so training gives those queries the full prefix as well.
 
 content sources (segmentation.summary_source=content): block k whose own score (at its own last
 real token) is >= tau_core, admitted under the same running cap as the core tier,
@@ -148,14 +152,16 @@ def content_sources(own_BN: torch.Tensor, info: BlockInfo, core_ratio: float, ta
 
 def causal_tiers(decision_BN: torch.Tensor, info: BlockInfo, core_ratio: float,
                  buffer_ratio: float, tau_core: float, tau_buffer: float,
-                 cap_slack: float) -> torch.Tensor:
-    """[B, NB] int64 tiers from the previous block's last score, under the running caps."""
+                 cap_slack: float, roles_core: bool = True) -> torch.Tensor:
+    """[B, NB] int64 tiers from the previous block's last score, under the running caps; with
+    roles_core, instruction / answer blocks are core besides (not counted in the cap)."""
     s = decision_BN.detach().float()
     k1 = (info.index + 1).double()
-    scored = info.real & ~info.first
+    forced = info.forced & ~info.first if roles_core else torch.zeros_like(info.real)
+    scored = info.real & ~info.first & ~forced
     want_core = (scored & (s >= tau_core)) | info.first
     cap_core = core_cap(info, core_ratio, cap_slack)
-    core = capped_admit(want_core, cap_core, info) & info.real
+    core = (capped_admit(want_core, cap_core, info) | forced) & info.real
     want_buf = scored & ~core & (s >= tau_buffer)
     cap_buf = torch.floor(buffer_ratio * k1 + cap_slack + 1e-9).long()
     buf = capped_admit(want_buf, cap_buf, info) & info.real
