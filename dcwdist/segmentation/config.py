@@ -36,11 +36,12 @@ class SegmentationConfig:
     """Recompute each scorer encoder layer in backward (training): the scorer keeps one [T,
     scorer_dim] input per layer instead of ~20 (about 20 GiB at 1M tokens), for one more
     forward of a model ~1% of the main one's FLOPs."""
-    answer_core: bool = True
+    answer_core: bool = False
     """causal mode: blocks holding an instruction or answer token are core (full-prefix
     attention), outside the running cap, as prefix mode always does. Generation decodes answer
     tokens with dense attention over the cache, so this makes training see what decoding does.
-    false: those blocks are tiered by score like any other (quality trials 1-7 ran so)."""
+    Off by default until measured: on the CPU demo (80 steps) it raised the eval loss from
+    1.31 to 1.46. false: those blocks are tiered by score like any other."""
     cap_slack: float = 1.0
     """causal mode: blocks of headroom the running cap allows above ratio * prefix blocks."""
     summary_source: Literal["tier", "content"] = "tier"

@@ -13,8 +13,8 @@ causal: block b's tier comes from `decision` [B, NB], the score at the last toke
   core if decision >= tau_core and the document's core count over blocks 0..k stays within
   floor(core_ratio * (k + 1) + cap_slack) (at least 1: the first block); otherwise buffer if
   decision >= tau_buffer (or it wanted core but hit the cap) and the buffer count stays within
-  floor(buffer_ratio * (k + 1) + cap_slack); otherwise background. With `roles_core` (the
-  default, segmentation.answer_core), blocks holding an instruction or answer token are core
+  floor(buffer_ratio * (k + 1) + cap_slack); otherwise background. With `roles_core`
+  (segmentation.answer_core), blocks holding an instruction or answer token are core
   too, outside the cap, as in prefix mode: roles are known before the block is read (the
   decoder marks generated tokens as answer), and generation attends densely for answer tokens,
   so training gives those queries the full prefix as well.
@@ -152,7 +152,7 @@ def content_sources(own_BN: torch.Tensor, info: BlockInfo, core_ratio: float, ta
 
 def causal_tiers(decision_BN: torch.Tensor, info: BlockInfo, core_ratio: float,
                  buffer_ratio: float, tau_core: float, tau_buffer: float,
-                 cap_slack: float, roles_core: bool = True) -> torch.Tensor:
+                 cap_slack: float, roles_core: bool = False) -> torch.Tensor:
     """[B, NB] int64 tiers from the previous block's last score, under the running caps; with
     roles_core, instruction / answer blocks are core besides (not counted in the cap)."""
     s = decision_BN.detach().float()
