@@ -33,8 +33,8 @@ Impls:
   dcwdist_dense  dcwdist Transformer, attention kind=dense impl=triton (block-sparse kernel, dense
                  causal layout), block 64; dcwdist's TorchBackend (AdamW + grad-norm clip 1.0).
   dcwdist_sdpa   dcwdist Transformer, attention kind=dense impl=torch: torch SDPA (flash / cuDNN on
-                 a GPU), recomputed in backward like the baselines (keep_attention_outputs is
-                 for the Triton kernels).
+                 a GPU); with keep_attention_outputs (the default) a selective-checkpoint policy
+                 keeps SDPA's outputs, so the recompute in backward runs no attention.
   dcwdist_dcw    the same with kind=dcw impl=triton, block 64: the segmenter (scorer, causal tiers)
                  runs inside every forward; tiers come from the random-init scorer under the
                  running caps (about 20% core / 30% buffer / 50% background blocks).
@@ -586,14 +586,15 @@ def run_case(model_name: str, impl: str, T: int, args, dev, profile: bool = Fals
     phase(row, "built", t_build)
     tiles = getattr(args, "tiles", None) or {}
     hooks = trace_layers(model, row, dev, t_build) if getattr(args, "trace_layers", False) else []
+    forced = contextlib.nullcontext()
+    if tiles and impl.startswith("dcwdist"):
+        from dcwdist.kernels.block_sparse import force_tiles
+        row["forced_tiles"] = {k: list(v) for k, v in tiles.items()}
+        forced = force_tiles(**tiles)
     try:
-        if tiles and impl.startswith("dcwdist"):
-            from dcwdist.kernels.block_sparse import force_tiles
-            row["forced_tiles"] = {k: list(v) for k, v in tiles.items()}
-            with force_tiles(**tiles):
-                return _run_built(row, shape, model, step, attn_call, extra, T, args, dev,
-                                  profile, t_build)
-        return _run_built(row, shape, model, step, attn_call, extra, T, args, dev, profile, t_build)
+        with forced:
+            return _run_built(row, shape, model, step, attn_call, extra, T, args, dev, profile,
+                              t_build)
     finally:
         for h in hooks:
             h.remove()
@@ -818,8 +819,8 @@ def main():
                          "share of blocks, whose full-prefix attention grows with the square of "
                          "the length")
     ap.add_argument("--trace-layers", action="store_true",
-                    help="print (and keep as the row's phase) each layer's forward, recompute "
-                         "and output gradient as the step reaches it, with a device sync")
+                    help="print (and keep as the row's phase) each layer's forward and output "
+                         "gradient as the step reaches them, with a device sync")
     ap.add_argument("--recompute-attention", action="store_true",
                     help="dcwdist impls: model.keep_attention_outputs=false (the checkpoint "
                          "recompute runs the attention forward again)")
