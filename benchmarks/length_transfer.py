@@ -1,0 +1,169 @@
+"""Does retrieval learned at a short length survive a longer one? Answer loss of a trained run
+on held-out rows, by length, RoPE setting and fact-to-answer distance. One JSON line per case.
+
+The quality study (benchmarks/results/quality.md) sees every kind leave chance at 256 tokens and
+fall back near it at 2k / 8k. This separates the suspects without training: the RoPE change
+(same distances, scaled RoPE), the longer distances (unscaled RoPE, far facts) and neither
+(short distances at the trained length).
+
+    python benchmarks/length_transfer.py RUN_DIR [--checkpoint TAG] --lengths 256,2k \
+        --rope none,yarn:8 --rows 64
+
+A case is (length, rope); each prints answer loss over all answers and per distance bucket
+(tokens from the fact's last token to the answer's first), with the number of answers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+
+EDGES = (0, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 30)
+
+
+def parse_len(text: str) -> int:
+    text = text.strip().lower()
+    scale = {"k": 1024, "m": 1024 * 1024}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def parse_rope(text: str, base, original: int, stage_rope):
+    """stage | none | yarn:F | linear:F | ntk:F -> RopeConfig (scaled from `original` tokens);
+    stage is the RoPE the recipe trains this length with."""
+    from dcwdist.model.rope import RopeConfig
+
+    if text == "stage":
+        return stage_rope
+    if text == "none":
+        return RopeConfig(base=base.base)
+    kind, _, factor = text.partition(":")
+    if not factor:
+        raise ValueError(f"--rope {text!r}: expected none or KIND:FACTOR, e.g. yarn:8")
+    return RopeConfig(base=base.base, scaling=kind, factor=float(factor),
+                      original_max_len=original)
+
+
+def load_weights(run_dir: str, checkpoint: str):
+    """Model state dict: model.pt of a finished run, or a checkpoint tag's state.pt."""
+    if not checkpoint:
+        path = os.path.join(run_dir, "model.pt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} does not exist; pass --checkpoint TAG")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    path = checkpoint if os.sep in checkpoint else os.path.join(run_dir, "checkpoints",
+                                                                 checkpoint)
+    state = os.path.join(path, "state.pt")
+    if not os.path.exists(state):
+        raise FileNotFoundError(f"{state} does not exist (only single-process torch-backend "
+                                "checkpoints are read here)")
+    return torch.load(state, map_location="cpu", weights_only=False)["model"]
+
+
+def answer_distances(batch) -> torch.Tensor:
+    """Per token: tokens since the last relevant (fact) token of its document; -1 where none."""
+    from dcwdist.attention.context import ROLE_DOCUMENT
+
+    rel = (batch.relevance > 0.5) & (batch.roles == ROLE_DOCUMENT)  # not the instruction
+    T = rel.shape[1]
+    idx = torch.arange(T).expand_as(rel)
+    last = torch.where(rel, idx, torch.full_like(idx, -1)).cummax(dim=1).values
+    # a fact of an earlier document does not count: the attention is masked per document
+    same_doc = torch.gather(batch.doc_ids, 1, last.clamp_min(0)) == batch.doc_ids
+    return torch.where((last >= 0) & same_doc, idx - last, torch.full_like(idx, -1))
+
+
+@torch.no_grad()
+def measure(model, rows, n_rows: int, device) -> dict:
+    from dcwdist.attention.context import ROLE_ANSWER
+    from dcwdist.data_pipelines.packing import IGNORE
+    from dcwdist.eval.positions import context_for
+
+    sums = [0.0] * (len(EDGES) - 1)
+    counts = [0] * (len(EDGES) - 1)
+    model.eval()
+    for i in range(n_rows):
+        batch = rows.batch(i, 1)
+        dist = answer_distances(batch)
+        batch = batch.to(device)
+        hidden = model(batch.tokens, context_for(batch))
+        logits = model.logits(hidden).float()
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2),
+                                               batch.labels.clamp_min(0), reduction="none").cpu()
+        labels, roles = batch.labels.cpu(), batch.roles.cpu()
+        ans = (labels != IGNORE) & (roles == ROLE_ANSWER)
+        # the distance of an answer is the one of its document's first answer token
+        first = ans & ~torch.cat([torch.zeros_like(ans[:, :1]), ans[:, :-1]], dim=1)
+        d_first = torch.where(first, dist, torch.zeros_like(dist)).cummax(dim=1).values
+        for b in range(len(EDGES) - 1):
+            sel = ans & (d_first >= EDGES[b]) & (d_first < EDGES[b + 1])
+            sums[b] += float(ce[sel].double().sum())
+            counts[b] += int(sel.sum())
+    total_n = sum(counts)
+    out = {"answer_loss": round(sum(sums) / total_n, 4) if total_n else math.nan,
+           "answer_tokens": total_n, "by_distance": {}}
+    for b in range(len(EDGES) - 1):
+        if counts[b]:
+            hi = EDGES[b + 1] if EDGES[b + 1] < (1 << 30) else "inf"
+            out["by_distance"][f"{EDGES[b]}-{hi}"] = {"loss": round(sums[b] / counts[b], 4),
+                                                      "tokens": counts[b]}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--checkpoint", default="", help="checkpoint tag or path (default model.pt)")
+    ap.add_argument("--lengths", default="256,2k")
+    ap.add_argument("--rope", default="stage,none",
+                    help="comma list: stage (the recipe's RoPE at that length) | none | yarn:F | "
+                         "linear:F | ntk:F (scaled from the first stage's length)")
+    ap.add_argument("--rows", type=int, default=32, help="held-out rows per case")
+    ap.add_argument("--max-doc-len", type=int, default=0,
+                    help="cap documents at this many tokens (0: the row length)")
+    ap.add_argument("--out", default="", help="also append the JSON lines to this file")
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. device=cpu")
+    args = ap.parse_intermixed_args(argv)
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from dcwdist.attention.config import AttentionConfig
+    from dcwdist.config import load_config
+    from dcwdist.data_pipelines import build_rows
+    from dcwdist.train.trainer import build_model
+
+    cfg = load_config(os.path.join(args.run_dir, "config.yaml"), list(args.overrides))
+    if args.max_doc_len:
+        cfg.data.max_doc_len = args.max_doc_len
+    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    original = cfg.stages[0].seq_len
+    base_rope = cfg.stages[0].rope or cfg.model.rope
+    lines = []
+    for length in [parse_len(x) for x in args.lengths.split(",")]:
+        # the attention settings of the stage trained at this length, else the last one's
+        stage = next((s for s in cfg.stages if s.seq_len == length), cfg.stages[-1])
+        attn_cfg = AttentionConfig(**vars(cfg.stage_attention(stage)))
+        model = build_model(cfg, attn_cfg)
+        model.load_state_dict(load_weights(args.run_dir, args.checkpoint))
+        model.to(device)
+        align = attn_cfg.block_size if attn_cfg.block_based else 1
+        rows = build_rows(cfg.data, length, align, held_out=True)
+        for rope in args.rope.split(","):
+            model.set_rope(parse_rope(rope, base_rope, original, stage.rope or cfg.model.rope))
+            res = {"run": os.path.basename(os.path.normpath(args.run_dir)),
+                   "checkpoint": args.checkpoint or "model.pt", "kind": attn_cfg.kind,
+                   "length": length, "rope": rope, "max_doc_len": args.max_doc_len,
+                   "rows": args.rows} | measure(model, rows, args.rows, device)
+            line = json.dumps(res)
+            print(line, flush=True)
+            lines.append(line)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

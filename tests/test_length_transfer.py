@@ -1,0 +1,90 @@
+"""benchmarks/length_transfer.py: the answer loss it reports at a run's trained length and RoPE is
+the trainer's own held-out eval, its distance buckets add up, and it reads checkpoints too."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dcwdist.attention.context import ROLE_ANSWER, ROLE_DOCUMENT, ROLE_INSTRUCTION
+from dcwdist.data_pipelines.packing import Batch
+from tests.test_eval_cli import REPO, _cli
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from length_transfer import answer_distances  # noqa: E402
+
+TRAIN = ["recipes/tiny_cpu.yaml", "model.dim=32", "model.n_layers=1",
+         "segmentation.scorer_layers=1", "segmentation.scorer_dim=16",
+         "segmentation.scorer_heads=2",
+         "stages.0.seq_len=256", "stages.0.steps=2", "stages.0.batch_tokens=512",
+         "stages.1.seq_len=512", "stages.1.steps=1", "stages.1.batch_tokens=512",
+         "data.min_doc_len=100", "data.num_facts=1", "data.eval_rows=2", "data.loss_on=answer",
+         "checkpoint.every=2", "logging.progress=false", "logging.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("transfer") / "run")
+    _cli("train", *TRAIN, "--run-dir", d)
+    return d
+
+
+def _transfer(*args):
+    proc = subprocess.run([sys.executable, "benchmarks/length_transfer.py", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+
+
+def _eval_answer_loss(run_dir):
+    ea = EventAccumulator(os.path.join(run_dir, "tb"))
+    ea.Reload()
+    return ea.Scalars("eval/answer_loss")[-1].value
+
+
+def test_answer_loss_at_the_trained_length_is_the_trainers_held_out_eval(run_dir):
+    lines = _transfer(run_dir, "--lengths", "512", "--rope", "stage,none", "--rows", "2",
+                      "device=cpu")
+    assert [(x["length"], x["rope"]) for x in lines] == [(512, "stage"), (512, "none")]
+    stage = lines[0]
+    assert stage["answer_loss"] == pytest.approx(_eval_answer_loss(run_dir), abs=2e-4)
+    buckets = stage["by_distance"].values()
+    assert sum(b["tokens"] for b in buckets) == stage["answer_tokens"] > 0
+    mean = sum(b["loss"] * b["tokens"] for b in buckets) / stage["answer_tokens"]
+    assert mean == pytest.approx(stage["answer_loss"], abs=1e-3)
+    assert lines[1]["answer_tokens"] == stage["answer_tokens"]  # same rows, other RoPE
+
+
+def test_reads_a_checkpoint_and_appends_json_lines(run_dir, tmp_path):
+    tags = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    tag = next(t for t in tags if t != "latest")
+    out = str(tmp_path / "t.jsonl")
+    lines = _transfer(run_dir, "--checkpoint", tag, "--lengths", "256", "--rope", "yarn:2",
+                      "--rows", "1", "--out", out, "device=cpu")
+    assert lines[0]["checkpoint"] == tag and math.isfinite(lines[0]["answer_loss"])
+    assert [json.loads(x) for x in open(out)] == lines
+
+
+def test_a_missing_checkpoint_is_one_clear_error(run_dir):
+    proc = subprocess.run([sys.executable, "benchmarks/length_transfer.py", run_dir,
+                           "--checkpoint", "step_99999999", "device=cpu"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "state.pt does not exist" in proc.stderr
+
+
+def test_distance_is_counted_from_the_documents_last_fact_token():
+    # doc 0: instruction (relevant, not a fact), fact at 3-4, answer at 7; doc 1: no fact
+    roles = [ROLE_INSTRUCTION] * 2 + [ROLE_DOCUMENT] * 5 + [ROLE_ANSWER] + \
+            [ROLE_DOCUMENT] * 3 + [ROLE_ANSWER]
+    rel = [1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 0, 1]
+    docs = [0] * 8 + [1] * 4
+    t = lambda x, dt=torch.long: torch.tensor([x], dtype=dt)  # noqa: E731
+    batch = Batch(tokens=t([0] * 12), labels=t([0] * 12), positions=t(list(range(12))),
+                  doc_ids=t(docs), roles=t(roles), relevance=t(rel, torch.float32))
+    d = answer_distances(batch)[0].tolist()
+    assert d[7] == 3 and d[4] == 0 and d[2] == -1
+    assert d[11] == -1  # doc 1 holds no fact of its own: doc 0's does not count
