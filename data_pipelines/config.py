@@ -36,6 +36,10 @@ class DataConfig:
     """Shortest synthetic document, in tokens."""
     max_doc_len: int = 0
     """Longest synthetic document; 0 means the stage's sequence length."""
+    doc_len_dist: Literal["uniform", "loguniform"] = "uniform"
+    """How synthetic document lengths are drawn between min_doc_len and the room left in the
+    row. loguniform makes short documents common: about twice the questions per 8k row, and
+    fact-to-answer distances spread over every scale up to the row length."""
     num_facts: int = 4
     """Key facts planted per document (one is asked about)."""
     specificity: Literal["specific", "keyed", "vague"] = "specific"

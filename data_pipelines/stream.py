@@ -5,6 +5,8 @@ degree, or a new stage simply continue from it.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from dcwdist.data_pipelines.config import DataConfig
@@ -35,7 +37,12 @@ class SyntheticRows:
             room = self.seq_len - used - 96
             if room < self.min_chars:
                 break
-            n_chars = int(rng.integers(self.min_chars, min(self.max_chars, room) + 1))
+            hi = min(self.max_chars, room)
+            if self.cfg.doc_len_dist == "loguniform":
+                n_chars = int(round(math.exp(rng.uniform(math.log(self.min_chars),
+                                                         math.log(hi)))))
+            else:
+                n_chars = int(rng.integers(self.min_chars, hi + 1))
             # The generator overshoots its target by up to a few sentences: shrink and retry.
             for _ in range(16):
                 ex = make_example(self.seed, index * 1000 + slot, n_chars, self.cfg.num_facts,
