@@ -9,8 +9,11 @@ fall back near it at 2k / 8k. This separates the suspects without training: the 
     python benchmarks/length_transfer.py RUN_DIR [--checkpoint TAG] --lengths 256,2k \
         --rope none,yarn:8 --rows 64
 
+    python benchmarks/length_transfer.py --plot RESULTS.jsonl --png out.png [--lengths 2k]
+
 A case is (length, rope); each prints answer loss over all answers and per distance bucket
-(tokens from the fact's last token to the answer's first), with the number of answers.
+(tokens from the fact's last token to the answer's first), with the number of answers, and the
+attention FLOPs of those forwards as a percentage of dense (exact pair counting).
 """
 from __future__ import annotations
 
@@ -79,17 +82,23 @@ def answer_distances(batch) -> torch.Tensor:
 @torch.no_grad()
 def measure(model, rows, n_rows: int, device) -> dict:
     from dcwdist.attention.context import ROLE_ANSWER
+    from dcwdist.attention.flops import attention_flops
     from dcwdist.data_pipelines.packing import IGNORE
     from dcwdist.eval.positions import context_for
 
     sums = [0.0] * (len(EDGES) - 1)
     counts = [0] * (len(EDGES) - 1)
+    computed = dense = 0.0
     model.eval()
     for i in range(n_rows):
         batch = rows.batch(i, 1)
         dist = answer_distances(batch)
         batch = batch.to(device)
-        hidden = model(batch.tokens, context_for(batch))
+        ctx = context_for(batch)
+        hidden = model(batch.tokens, ctx)
+        # the tiers this forward chose: the attention work it did, against dense
+        fl = attention_flops(model.attn_cfg, ctx, model.cfg.n_heads, model.cfg.head_dim)
+        computed, dense = computed + fl["computed"], dense + fl["dense"]
         logits = model.logits(hidden).float()
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2),
                                                batch.labels.clamp_min(0), reduction="none").cpu()
@@ -104,7 +113,9 @@ def measure(model, rows, n_rows: int, device) -> dict:
             counts[b] += int(sel.sum())
     total_n = sum(counts)
     out = {"answer_loss": round(sum(sums) / total_n, 4) if total_n else math.nan,
-           "answer_tokens": total_n, "by_distance": {}}
+           "answer_tokens": total_n,
+           "attn_flops_pct_dense": round(100 * computed / dense, 2) if dense else math.nan,
+           "by_distance": {}}
     for b in range(len(EDGES) - 1):
         if counts[b]:
             hi = EDGES[b + 1] if EDGES[b + 1] < (1 << 30) else "inf"
@@ -113,9 +124,49 @@ def measure(model, rows, n_rows: int, device) -> dict:
     return out
 
 
+CHANCE = 1.52  # nats per answer token: 4 uniform digits, then the space and <eos>
+
+
+def plot(jsonl: str, png: str, lengths: list[int]) -> None:
+    """Answer loss by fact-to-answer distance, one line per (run, checkpoint, rope) at each
+    length; the last line for a case wins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = {}
+    for line in open(jsonl):
+        if line.strip():
+            r = json.loads(line)
+            if r["length"] in lengths:
+                ac = any("answer_core=true" in o for o in r.get("overrides", []))
+                key = (r["length"], f"{r['run']}@{r['checkpoint'].replace('step0000', '')} "
+                                    f"rope {r['rope']}" + (" +answer_core" if ac else ""))
+                cases[key] = r
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 4.5), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        for (n, label), r in cases.items():
+            if n != length:
+                continue
+            b = r["by_distance"]
+            xs = [EDGES.index(int(k.split("-")[0])) for k in b]
+            ax.plot(xs, [v["loss"] for v in b.values()], marker="o",
+                    label=f"{label} ({r['answer_loss']:.2f})")
+        ax.axhline(CHANCE, color="gray", ls=":", label="chance")
+        n_buckets = sum(1 for e in EDGES[1:] if e <= length)
+        ax.set_xticks(range(n_buckets), [f"{EDGES[i]}-{EDGES[i + 1]}" for i in range(n_buckets)])
+        ax.set_xlabel("fact-to-answer distance (tokens)")
+        ax.set_ylabel("answer loss (nats/token)")
+        ax.set_title(f"held-out rows of {length} tokens")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("run_dir")
+    ap.add_argument("run_dir", nargs="?", help="a dcwdist run directory (not with --plot)")
     ap.add_argument("--checkpoint", default="", help="checkpoint tag or path (default model.pt)")
     ap.add_argument("--lengths", default="256,2k")
     ap.add_argument("--rope", default="stage,none",
@@ -125,9 +176,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-doc-len", type=int, default=0,
                     help="cap documents at this many tokens (0: the row length)")
     ap.add_argument("--out", default="", help="also append the JSON lines to this file")
+    ap.add_argument("--plot", default="", help="plot this JSON-lines file instead (with --png)")
+    ap.add_argument("--png", default="length_transfer.png")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. device=cpu")
     args = ap.parse_intermixed_args(argv)
 
+    if args.plot:
+        plot(args.plot, args.png, [parse_len(x) for x in args.lengths.split(",")])
+        return 0
+    if not args.run_dir:
+        ap.error("a run directory is required (or --plot RESULTS.jsonl)")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from dcwdist.attention.config import AttentionConfig
     from dcwdist.config import load_config
@@ -155,7 +213,7 @@ def main(argv=None) -> int:
             res = {"run": os.path.basename(os.path.normpath(args.run_dir)),
                    "checkpoint": args.checkpoint or "model.pt", "kind": attn_cfg.kind,
                    "length": length, "rope": rope, "max_doc_len": args.max_doc_len,
-                   "rows": args.rows} | measure(model, rows, args.rows, device)
+                   "rows": args.rows, "overrides": list(args.overrides)} | measure(model, rows, args.rows, device)
             line = json.dumps(res)
             print(line, flush=True)
             lines.append(line)

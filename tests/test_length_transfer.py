@@ -88,3 +88,11 @@ def test_distance_is_counted_from_the_documents_last_fact_token():
     d = answer_distances(batch)[0].tolist()
     assert d[7] == 3 and d[4] == 0 and d[2] == -1
     assert d[11] == -1  # doc 1 holds no fact of its own: doc 0's does not count
+
+
+def test_plot_draws_the_cases_of_a_results_file(run_dir, tmp_path):
+    out, png = str(tmp_path / "t.jsonl"), str(tmp_path / "t.png")
+    _transfer(run_dir, "--lengths", "512", "--rope", "stage", "--rows", "1", "--out", out,
+              "device=cpu")
+    _transfer("--plot", out, "--png", png, "--lengths", "512")
+    assert os.path.getsize(png) > 10_000
