@@ -127,9 +127,10 @@ def measure(model, rows, n_rows: int, device) -> dict:
 CHANCE = 1.52  # nats per answer token: 4 uniform digits, then the space and <eos>
 
 
-def plot(jsonl: str, png: str, lengths: list[int]) -> None:
+def plot(jsonl: str, png: str, lengths: list[int], select: list[str] = ()) -> None:
     """Answer loss by fact-to-answer distance, one line per (run, checkpoint, rope) at each
-    length; the last line for a case wins."""
+    length; the last line for a case wins. `select`: keep labels starting with one of these
+    (or equal to one that ends in $)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,7 +144,9 @@ def plot(jsonl: str, png: str, lengths: list[int]) -> None:
                 ac = any("answer_core=true" in o for o in r.get("overrides", []))
                 key = (r["length"], f"{r['run']}@{r['checkpoint'].replace('step0000', '')} "
                                     f"rope {r['rope']}" + (" +answer_core" if ac else ""))
-                cases[key] = r
+                if not select or any(key[1] == x[:-1] if x.endswith("$")
+                                     else key[1].startswith(x) for x in select):
+                    cases[key] = r
     fig, axes = plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 4.5), squeeze=False)
     for ax, length in zip(axes[0], lengths):
         for (n, label), r in cases.items():
@@ -152,6 +155,7 @@ def plot(jsonl: str, png: str, lengths: list[int]) -> None:
             b = r["by_distance"]
             xs = [EDGES.index(int(k.split("-")[0])) for k in b]
             ax.plot(xs, [v["loss"] for v in b.values()], marker="o",
+                    ls=("-", "--", ":")[len(ax.lines) // 10 % 3],
                     label=f"{label} ({r['answer_loss']:.2f})")
         ax.axhline(CHANCE, color="gray", ls=":", label="chance")
         n_buckets = sum(1 for e in EDGES[1:] if e <= length)
@@ -178,11 +182,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="", help="also append the JSON lines to this file")
     ap.add_argument("--plot", default="", help="plot this JSON-lines file instead (with --png)")
     ap.add_argument("--png", default="length_transfer.png")
+    ap.add_argument("--select", default="",
+                    help="--plot: comma list of label prefixes to keep (RUN@STEP), e.g. dcw@1000; "
+                         "a trailing $ asks for the whole label")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. device=cpu")
     args = ap.parse_intermixed_args(argv)
 
     if args.plot:
-        plot(args.plot, args.png, [parse_len(x) for x in args.lengths.split(",")])
+        plot(args.plot, args.png, [parse_len(x) for x in args.lengths.split(",")],
+             [x for x in args.select.split(",") if x])
         return 0
     if not args.run_dir:
         ap.error("a run directory is required (or --plot RESULTS.jsonl)")

@@ -41,7 +41,7 @@ class SegmentationConfig:
     attention), outside the running cap, as prefix mode always does. Generation decodes answer
     tokens with dense attention over the cache, so this makes training see what decoding does.
     The quality study turns it on: it let DCW retrieve facts 256-2048 tokens away at 2k
-    (answer loss 0.96 against 1.33, trial 8 in benchmarks/results/quality.md). Off by default
+    (answer loss 0.92 against 1.33, trial 8 in benchmarks/results/quality.md). Off by default
     until a multi-seed trial confirms it: on the CPU demo (80 steps, loss on every token) it
     raised the eval loss from 1.31 to 1.46. false: those blocks are tiered by score like any
     other."""
