@@ -28,12 +28,6 @@ import torch
 EDGES = (0, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 30)
 
 
-def parse_len(text: str) -> int:
-    text = text.strip().lower()
-    scale = {"k": 1024, "m": 1024 * 1024}.get(text[-1:], 1)
-    return int(float(text[:-1] if scale > 1 else text) * scale)
-
-
 def parse_rope(text: str, base, original: int, stage_rope):
     """stage | none | yarn:F | linear:F | ntk:F -> RopeConfig (scaled from `original` tokens);
     stage is the RoPE the recipe trains this length with."""
@@ -67,16 +61,21 @@ def load_weights(run_dir: str, checkpoint: str):
 
 
 def answer_distances(batch) -> torch.Tensor:
-    """Per token: tokens since the last relevant (fact) token of its document; -1 where none."""
-    from dcwdist.attention.context import ROLE_DOCUMENT
+    """Per answer token: tokens from its document's last fact token to the answer's first
+    token; -1 on other tokens and where the document holds no fact."""
+    from dcwdist.attention.context import ROLE_ANSWER, ROLE_DOCUMENT
 
     rel = (batch.relevance > 0.5) & (batch.roles == ROLE_DOCUMENT)  # not the instruction
-    T = rel.shape[1]
-    idx = torch.arange(T).expand_as(rel)
-    last = torch.where(rel, idx, torch.full_like(idx, -1)).cummax(dim=1).values
+    idx = torch.arange(rel.shape[1]).expand_as(rel)
+    none = torch.full_like(idx, -1)
+    last = torch.where(rel, idx, none).cummax(dim=1).values
     # a fact of an earlier document does not count: the attention is masked per document
     same_doc = torch.gather(batch.doc_ids, 1, last.clamp_min(0)) == batch.doc_ids
-    return torch.where((last >= 0) & same_doc, idx - last, torch.full_like(idx, -1))
+    dist = torch.where((last >= 0) & same_doc, idx - last, none)
+    ans = batch.roles == ROLE_ANSWER
+    start = ans & ~torch.cat([torch.zeros_like(ans[:, :1]), ans[:, :-1]], dim=1)
+    latest_start = torch.where(start, idx, none).cummax(dim=1).values
+    return torch.where(ans, torch.gather(dist, 1, latest_start.clamp_min(0)), none)
 
 
 @torch.no_grad()
@@ -88,6 +87,7 @@ def measure(model, rows, n_rows: int, device) -> dict:
 
     sums = [0.0] * (len(EDGES) - 1)
     counts = [0] * (len(EDGES) - 1)
+    total, total_n = 0.0, 0
     computed = dense = 0.0
     model.eval()
     for i in range(n_rows):
@@ -104,15 +104,13 @@ def measure(model, rows, n_rows: int, device) -> dict:
                                                batch.labels.clamp_min(0), reduction="none").cpu()
         labels, roles = batch.labels.cpu(), batch.roles.cpu()
         ans = (labels != IGNORE) & (roles == ROLE_ANSWER)
-        # the distance of an answer is the one of its document's first answer token
-        first = ans & ~torch.cat([torch.zeros_like(ans[:, :1]), ans[:, :-1]], dim=1)
-        d_first = torch.where(first, dist, torch.zeros_like(dist)).cummax(dim=1).values
+        total += float(ce[ans].double().sum())
+        total_n += int(ans.sum())
         for b in range(len(EDGES) - 1):
-            sel = ans & (d_first >= EDGES[b]) & (d_first < EDGES[b + 1])
+            sel = ans & (dist >= EDGES[b]) & (dist < EDGES[b + 1])
             sums[b] += float(ce[sel].double().sum())
             counts[b] += int(sel.sum())
-    total_n = sum(counts)
-    out = {"answer_loss": round(sum(sums) / total_n, 4) if total_n else math.nan,
+    out = {"answer_loss": round(total / total_n, 4) if total_n else math.nan,
            "answer_tokens": total_n,
            "attn_flops_pct_dense": round(100 * computed / dense, 2) if dense else math.nan,
            "by_distance": {}}
@@ -188,13 +186,15 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. device=cpu")
     args = ap.parse_intermixed_args(argv)
 
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from dcwdist.eval.suite import parse_lengths
+
     if args.plot:
-        plot(args.plot, args.png, [parse_len(x) for x in args.lengths.split(",")],
+        plot(args.plot, args.png, parse_lengths(args.lengths),
              [x for x in args.select.split(",") if x])
         return 0
     if not args.run_dir:
         ap.error("a run directory is required (or --plot RESULTS.jsonl)")
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from dcwdist.attention.config import AttentionConfig
     from dcwdist.config import load_config
     from dcwdist.data_pipelines import build_rows
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     original = cfg.stages[0].seq_len
     base_rope = cfg.stages[0].rope or cfg.model.rope
     lines = []
-    for length in [parse_len(x) for x in args.lengths.split(",")]:
+    for length in parse_lengths(args.lengths):
         # the attention settings of the stage trained at this length, else the last one's
         stage = next((s for s in cfg.stages if s.seq_len == length), cfg.stages[-1])
         attn_cfg = AttentionConfig(**vars(cfg.stage_attention(stage)))

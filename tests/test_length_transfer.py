@@ -77,17 +77,18 @@ def test_a_missing_checkpoint_is_one_clear_error(run_dir):
 
 
 def test_distance_is_counted_from_the_documents_last_fact_token():
-    # doc 0: instruction (relevant, not a fact), fact at 3-4, answer at 7; doc 1: no fact
-    roles = [ROLE_INSTRUCTION] * 2 + [ROLE_DOCUMENT] * 5 + [ROLE_ANSWER] + \
-            [ROLE_DOCUMENT] * 3 + [ROLE_ANSWER]
-    rel = [1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 0, 1]
-    docs = [0] * 8 + [1] * 4
+    # doc 0: instruction (relevant, not a fact), fact at 3-4, answer at 7-8 (distance 3);
+    # doc 1: fact at 10, answer at 12-13 (distance 2, nearer than doc 0's); doc 2: no fact
+    roles = [ROLE_INSTRUCTION] * 2 + [ROLE_DOCUMENT] * 5 + [ROLE_ANSWER] * 2 + \
+            [ROLE_DOCUMENT] * 3 + [ROLE_ANSWER] * 2 + [ROLE_DOCUMENT] * 2 + [ROLE_ANSWER]
+    rel = [1, 1, 0, 1, 1, 0, 0, 1, 1, 0, 1, 0, 1, 1, 0, 0, 1]
+    docs = [0] * 9 + [1] * 5 + [2] * 3
     t = lambda x, dt=torch.long: torch.tensor([x], dtype=dt)  # noqa: E731
-    batch = Batch(tokens=t([0] * 12), labels=t([0] * 12), positions=t(list(range(12))),
+    n = len(roles)
+    batch = Batch(tokens=t([0] * n), labels=t([0] * n), positions=t(list(range(n))),
                   doc_ids=t(docs), roles=t(roles), relevance=t(rel, torch.float32))
-    d = answer_distances(batch)[0].tolist()
-    assert d[7] == 3 and d[4] == 0 and d[2] == -1
-    assert d[11] == -1  # doc 1 holds no fact of its own: doc 0's does not count
+    assert answer_distances(batch)[0].tolist() == \
+        [-1] * 7 + [3, 3] + [-1] * 3 + [2, 2] + [-1] * 3
 
 
 def test_plot_draws_the_cases_of_a_results_file(run_dir, tmp_path):
