@@ -6,6 +6,8 @@ import re
 
 import pytest
 
+from dcwdist.data_pipelines import build_rows
+from dcwdist.data_pipelines.config import DataConfig
 from dcwdist.data_pipelines.sources import iter_examples
 from dcwdist.data_pipelines.synthetic import make_example, write_synthetic
 
@@ -109,28 +111,20 @@ def _length(seed, i, lo, hi):
 
 
 def _docs_per_row(cfg, seq_len, rows):
-    src = build_rows_(cfg, seq_len)
+    src = build_rows(cfg, seq_len, 64)
     return [len(set(src.row(i).doc_ids[0].tolist()) - {-1}) for i in range(rows)]
 
 
 def test_loguniform_document_lengths_put_more_questions_in_a_long_row():
-    from dcwdist.data_pipelines.config import DataConfig
-
     uni = DataConfig(min_doc_len=100, num_facts=1)
     log = DataConfig(min_doc_len=100, num_facts=1, doc_len_dist="loguniform")
     a, b = _docs_per_row(uni, 8192, 12), _docs_per_row(log, 8192, 12)
     assert sum(b) > 1.4 * sum(a)
     assert _docs_per_row(log, 8192, 3) == b[:3]  # deterministic per row index
     # the default draw is unchanged (the digest is the row before the option existed)
-    row = build_rows_(uni, 2048).row(5)
+    row = build_rows(uni, 2048, 64).row(5)
     assert hashlib.sha256(row.tokens.numpy().tobytes()).hexdigest() == \
         "2a81ed733bea120da380a9369d3aaed7bc15f4604f3b13756da3236746d8f9e6"
-
-
-def build_rows_(cfg, seq_len):
-    from dcwdist.data_pipelines import build_rows
-
-    return build_rows(cfg, seq_len, 64)
 
 
 def test_an_unknown_document_length_distribution_names_the_allowed_ones():
