@@ -29,6 +29,21 @@ def job_name(recipe: str) -> str:
     return os.path.splitext(os.path.basename(recipe))[0]
 
 
+def eval_missing(args) -> str:
+    """The first package the requested eval suites need and cannot import, as an error line."""
+    if args.no_eval:
+        return ""
+    toks = args.eval_args.split()
+    suites = toks[toks.index("--suite") + 1].split(",") if "--suite" in toks[:-1] else []
+    if "qa" in suites:
+        from dcwdist.eval.metrics import rouge_l
+        try:
+            rouge_l("a b", "a b")
+        except ImportError as e:
+            return f"{e} (the qa eval suite scores ROUGE-L; or pass --no-eval)"
+    return ""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("recipes", nargs="+")
@@ -44,6 +59,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="", help="comma list: each recipe once per seed "
                    "(run NAME_s<seed>, override seed=<seed>); default: the recipe's seed")
     args = p.parse_args(argv)
+    missing = eval_missing(args)
+    if missing:  # before any training: a run that trains for minutes and then cannot evaluate
+        print(f"quality.py: {missing}", file=sys.stderr)
+        return 2
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     runs_dir = os.path.join(args.out, "runs")
     os.makedirs(runs_dir, exist_ok=True)
