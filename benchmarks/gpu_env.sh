@@ -1,8 +1,9 @@
 # Source on a GPU machine that cannot reach a package index, from the repository root:
 #   . benchmarks/gpu_env.sh
 # Installs the wheels carried in .whl/ (liger-kernel, DeepSpeed's pure-python deps, rouge-score
-# and nltk for the eval suite's ROUGE-L) and DeepSpeed from its sdist without compiled ops (its FusedAdam JIT build fails on some CUDA
-# images; the engine uses torch's Adam), maps the package dirs into dcwdist, sets PYTHONPATH.
+# and nltk for the eval suite's ROUGE-L) and DeepSpeed from its sdist without compiled ops (its
+# FusedAdam JIT build fails on some CUDA images; the engine uses torch's Adam), maps the package
+# dirs into dcwdist, sets PYTHONPATH.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || return 1
 if ls .whl/deepspeed-*.tar.gz >/dev/null 2>&1; then
