@@ -33,9 +33,9 @@ def eval_missing(args) -> str:
     """The first package the requested eval suites need and cannot import, as an error line."""
     if args.no_eval:
         return ""
-    toks = args.eval_args.split()
-    suites = toks[toks.index("--suite") + 1].split(",") if "--suite" in toks[:-1] else []
-    if "qa" in suites:
+    from dcwdist.cli import build_parser
+    ev, _ = build_parser().parse_known_args(["eval", "RUN", *args.eval_args.split()])
+    if "qa" in (ev.suite or "").split(","):
         from dcwdist.eval.metrics import rouge_l
         try:
             rouge_l("a b", "a b")

@@ -40,5 +40,5 @@ def test_suites_without_qa_do_not_need_rouge():
     assert quality.eval_missing(ns) == ""
     ns = argparse.Namespace(no_eval=True, eval_args="--suite qa")
     assert quality.eval_missing(ns) == ""
-    ns = argparse.Namespace(no_eval=False, eval_args="--suite qa --lengths 2k")
+    ns = argparse.Namespace(no_eval=False, eval_args="--suite=qa --lengths 2k")
     assert quality.eval_missing(ns) == ""  # rouge-score is installed here

@@ -40,11 +40,10 @@ class SegmentationConfig:
     """causal mode: blocks holding an instruction or answer token are core (full-prefix
     attention), outside the running cap, as prefix mode always does. Generation decodes answer
     tokens with dense attention over the cache, so this makes training see what decoding does.
-    The quality study turns it on: it let DCW retrieve facts 256-2048 tokens away at 2k
-    (answer loss 0.92 against 1.33, trial 8 in benchmarks/results/quality.md). Off by default
-    until a multi-seed trial confirms it: on the CPU demo (80 steps, loss on every token) it
-    raised the eval loss from 1.31 to 1.46. false: those blocks are tiered by score like any
-    other."""
+    The quality study turns it on: on CPU it let DCW retrieve facts 256-2048 tokens away at 2k
+    (trial 8 in benchmarks/results/quality.md, two seeds); the GPU trial 9 did not confirm it.
+    Off by default: on the CPU demo (80 steps, loss on every token) it raised the eval loss
+    from 1.31 to 1.46. false: those blocks are tiered by score like any other."""
     cap_slack: float = 1.0
     """causal mode: blocks of headroom the running cap allows above ratio * prefix blocks."""
     summary_source: Literal["tier", "content"] = "tier"
