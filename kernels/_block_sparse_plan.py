@@ -259,6 +259,11 @@ def launch_tuned(kernel, key: tuple, configs: list, grid: Callable[[tuple], tupl
                           BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
     best = _TUNED.get(key)
+    if best is not None and best not in configs:
+        # Same problem class, but this layout's block count does not take the tuned tile's span
+        # (e.g. 13 key blocks after a class with 14): tune the fitting tiles under its own key.
+        key = key + (tuple(configs),)
+        best = _TUNED.get(key)
     if best is None:
         if len(configs) == 1 or not AUTOTUNE:
             best = configs[0]

@@ -280,6 +280,23 @@ def test_forced_tiles_neither_meet_nor_outlive_the_tuning_around_them(monkeypatc
             check(lay, H, Hkv, gather, torch.float32)
 
 
+def test_a_tile_tuned_for_one_layout_is_not_run_where_its_span_does_not_fit(monkeypatch):
+    """Two layouts of one tuning class (same blocks, length and row buckets) with 4 and 3 key
+    blocks: the 4-block one takes a dK/dV tile spanning 2 key blocks, which cannot cover 3.
+    The second layout gets its own fitting tile and the reference's gradients (the 3-block
+    one used to fail with "span 2 must ... divide the 3 blocks")."""
+    from dcwdist.kernels import block_sparse as bs
+    monkeypatch.setattr(_block_sparse_plan, "_TUNED", {})
+    lays = [make_layout(torch.full((1, 1, 2, nk), MODE_FULL), 32, 16) for nk in (4, 3)]
+    check(lays[0], 2, 2, None, torch.float32)
+    tuned = {k: c for k, c in _block_sparse_plan._TUNED.items() if k[0] == "dkdv"}
+    assert [bs.block_span(c[1], 16) for c in tuned.values()] == [2]
+    check(lays[1], 2, 2, None, torch.float32)
+    spans = sorted(bs.block_span(c[1], 16) for k, c in _block_sparse_plan._TUNED.items()
+                   if k[0] == "dkdv")
+    assert spans == [1, 2]
+
+
 def test_spanned_csr_is_the_union_of_its_blocks_columns():
     """Each spanning column lists every query block that any of its key blocks lists, once;
     entries are unmasked only when all blocks are present and unmasked."""
