@@ -33,6 +33,10 @@ class JobConfig:
     """Job name (run directory, logs)."""
     seed: int = 0
     """Model initialisation and dropout seed."""
+    deterministic: bool = False
+    """Bit-reproducible steps for one seed on one device: deterministic torch algorithms and the
+    kernels' first fitting tile instead of the fastest timed one (train/determinism.py).
+    Slower; for studies that compare runs of one seed."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto picks cuda when available."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

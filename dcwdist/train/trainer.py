@@ -107,6 +107,9 @@ class Trainer:
             dump_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         self.bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         torch.manual_seed(cfg.seed)
+        if cfg.deterministic:
+            from dcwdist.train.determinism import set_deterministic
+            set_deterministic()
         # One AttentionConfig shared by every layer; stages edit it in place.
         self.attn_cfg = AttentionConfig(**vars(cfg.attention))
         self.model = build_model(cfg, self.attn_cfg).to(self.device)
@@ -300,7 +303,8 @@ class Trainer:
                   f"{f' zero-{cfg.zero.stage}' if cfg.zero.enabled else ''}, "
                   f"world={self.world_size} (dp={self.dims.dp} x cp={self.dims.cp}), "
                   f"device={self.device}{memory_options(cfg.model)}, {len(cfg.stages)} stage(s), "
-                  f"{self.total_steps} steps -> {self.run_dir}")
+                  f"{self.total_steps} steps{', deterministic' if cfg.deterministic else ''} "
+                  f"-> {self.run_dir}")
         state = self.ckpt.resume(self.backend, cfg.checkpoint.resume)
         if state is not None:
             self._restore(state)
