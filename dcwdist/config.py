@@ -67,6 +67,11 @@ class JobConfig:
             if stage.attention.get("kind", self.attention.kind) != self.attention.kind:
                 raise ValueError(f"stages.{i}.attention.kind: the attention kind cannot change "
                                  "between stages (its parameters differ)")
+            for key in ("source", "path", "format"):
+                if key in stage.data and stage.data[key] != getattr(self.data, key):
+                    raise ValueError(f"stages.{i}.data.{key}: the data source cannot change "
+                                     "between stages (resume counts samples of one stream)")
+            self.stage_data(stage, i)  # unknown keys, types and field checks fail here
             attn = self.stage_attention(stage)
             if attn.block_based and stage.seq_len % attn.block_size:
                 raise ValueError(f"stages.{i}.seq_len={stage.seq_len} is not divisible by "
@@ -78,6 +83,14 @@ class JobConfig:
             return dataclasses.replace(self.attention, **stage.attention)
         except (TypeError, ValueError) as e:
             raise ValueError(f"stage attention override: {e}") from None
+
+
+    def stage_data(self, stage: StageConfig, index: Optional[int] = None) -> DataConfig:
+        """The data config in force during `stage` (the recipe's data with its overrides)."""
+        if not stage.data:
+            return self.data
+        where = f"stages.{'N' if index is None else index}.data."
+        return from_dict(DataConfig, {**to_dict(self.data), **stage.data}, where)
 
 
 def load_recipe(path: str, _seen: tuple = ()) -> dict:

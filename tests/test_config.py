@@ -37,6 +37,10 @@ def test_dotted_overrides_apply():
     ("attention.kind=foo", "attention.kind: 'foo' is not one of dense|window"),
     ("stages.0.seq_lenn=4", "unknown key 'stages.0.seq_lenn'; allowed keys:"),
     ("stages.0.attention.windw=4", "unknown key 'stages.0.attention.windw'"),
+    ("stages.0.data.loss_onn=all", "unknown key 'stages.0.data.loss_onn'; allowed keys:"),
+    ("stages.0.data.loss_on=some", "stages.0.data.loss_on: 'some' is not one of all|answer"),
+    ("stages.0.data.source=memmap", "stages.0.data.source: the data source cannot change"),
+    ("stages.1.data.max_doc_len=8", "stages.1.data: data.max_doc_len must be 0 or >="),
     ("stages.9.steps=4", "index 9 out of range"),
     ("optim.lr=-1", "optim.lr must be > 0"),
     ("model.n_kv_heads=3", "model.n_heads (4) must be divisible by model.n_kv_heads (3)"),
@@ -48,6 +52,15 @@ def test_bad_input_is_one_line_naming_the_key(override, needle):
     msg = str(err.value)
     assert needle in msg, msg
     assert "\n" not in msg
+
+
+def test_a_stage_changes_only_the_data_fields_it_names():
+    cfg = load_config(os.path.join(REPO, "recipes/ablations/quality_dense.yaml"),
+                      ["stages.0.data.loss_on=all", "stages.0.data.max_doc_len=160"])
+    first, second = cfg.stage_data(cfg.stages[0]), cfg.stage_data(cfg.stages[1])
+    assert (first.loss_on, first.max_doc_len) == ("all", 160)
+    assert (second.loss_on, second.max_doc_len) == ("answer", 0)
+    assert first.min_doc_len == second.min_doc_len == cfg.data.min_doc_len
 
 
 def test_sequence_length_not_divisible_by_block_is_rejected():

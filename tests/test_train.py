@@ -74,6 +74,17 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-9, atol=1e-12)
 
 
+def test_a_stage_trains_on_its_own_data_settings(tmp_path):
+    """stages.N.data: the first stage learns from every token, the next from answers only."""
+    over = SMALL + ["stages.0.steps=2", "stages.1.steps=2", "data.loss_on=answer",
+                    "stages.0.data.loss_on=all", "logging.tensorboard=false"]
+    summary = Trainer(load_config(TINY, over), run_dir=str(tmp_path), echo=lambda *_: None).fit()
+    history = json.load(open(tmp_path / "summary.json"))["history"]
+    assert summary["steps"] == 4 and [h["stage"] for h in history] == [0, 0, 1, 1]
+    first, second = history[0]["loss_tokens"], history[2]["loss_tokens"]
+    assert first > 1000 and second < first / 5, (first, second)  # 1536 tokens a step in both
+
+
 def test_non_finite_loss_stops_naming_step_and_stage(tmp_path):
     import subprocess
     import sys

@@ -25,6 +25,9 @@ class StageConfig:
     """RoPE settings for this stage (e.g. YaRN factor 4 at 4x the length); null keeps the model's."""
     attention: dict = field(default_factory=dict)
     """Attention fields changed in this stage (e.g. {window: 64}); the kind cannot change."""
+    data: dict = field(default_factory=dict)
+    """Data fields changed in this stage (e.g. {loss_on: all, max_doc_len: 128}); the source
+    cannot change."""
     name: str = ""
     """Label in logs; defaults to the sequence length (e.g. 16k)."""
 

@@ -165,17 +165,18 @@ class Trainer:
                                          grad_accum, self.bf16, self.world_size)
         else:
             self.backend.set_stage(self.micro, grad_accum)
-        return self._rows(stage.seq_len)
+        return self._rows(stage)
 
-    def _rows(self, seq_len: int, held_out: bool = False):
-        """The data source for this length; rank 0 prepares caches first, the others wait."""
+    def _rows(self, stage: StageConfig, held_out: bool = False):
+        """The data source for this stage; rank 0 prepares caches first, the others wait."""
         align = self.attn_cfg.block_size if self.attn_cfg.block_based else 1
+        data = self.cfg.stage_data(stage)
         if self.is_main or self.world_size == 1:
-            rows = build_rows(self.cfg.data, seq_len, align, held_out=held_out)
+            rows = build_rows(data, stage.seq_len, align, held_out=held_out)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         if not self.is_main and self.world_size > 1:
-            rows = build_rows(self.cfg.data, seq_len, align, held_out=held_out)
+            rows = build_rows(data, stage.seq_len, align, held_out=held_out)
         return rows
 
     # -- one optimizer step ---------------------------------------------------------------
@@ -407,7 +408,7 @@ class Trainer:
     def evaluate(self, stage: StageConfig, table: bool = True) -> list[dict]:
         """Held-out loss of `stage`'s length: TensorBoard eval/*, and (table) the printed
         loss-by-position table + eval.json."""
-        src = self._rows(stage.seq_len, held_out=True)
+        src = self._rows(stage, held_out=True)
         batches = [src.batch(i, 1).to(self.device) for i in range(self.cfg.data.eval_rows)]
         totals: dict = {}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
