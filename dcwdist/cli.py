@@ -12,7 +12,7 @@ attention. Subcommands:
   train RECIPE [key=value ...]   run a YAML recipe (stages of growing length); dotted overrides
                                  such as attention.window=64 stages.0.steps=5
   eval RUN_DIR [--suite ...]     loss-by-position table of a finished run's model; with
-                                 --suite/--ruler: needle, kv, qa, ppl, speed, RULER files
+                                 --suite/--ruler: needle, kv, fact, qa, ppl, speed, RULER files
   generate RUN_DIR --prompt-file F   greedy generation on an evicting KV cache
   submit RECIPE --to local|mpi|slurm|ray   launch a recipe on N ranks (sbatch, ray, mpirun)
   status JOB / cancel JOB        follow or stop a Slurm job (cancel --signal USR1: checkpoint)
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run directory written by `dcwdist train`")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.eval_rows=8")
     p.add_argument("--suite", default=None,
-                   help="comma list of needle,kv,qa,ppl,speed (e.g. --suite needle,kv,qa)")
+                   help="comma list of needle,kv,fact,qa,ppl,speed (e.g. --suite needle,kv,qa)")
     p.add_argument("--lengths", default="2k,8k", help="prompt/row lengths, e.g. 512,2k,8k")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
     p.add_argument("--samples", type=int, default=1, help="needle/kv prompts per cell")

@@ -42,6 +42,20 @@ def test_eval_suite_ppl_qa_end_to_end(run_dir, tmp_path):
     assert "hallucination_rate" in proc.stdout
 
 
+def test_eval_suite_fact_gives_an_answer_loss_heatmap(run_dir, tmp_path):
+    out = str(tmp_path / "fact")
+    _cli("eval", run_dir, "--suite", "fact", "--lengths", "256,512", "--depths", "0,1",
+         "--out", out, "--no-progress")
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert [(r["length"], r["depth"]) for r in res["fact"]] == [(256, 0.0), (256, 1.0),
+                                                                (512, 0.0), (512, 1.0)]
+    assert all(0 < r["answer_loss"] < 10 and 0 <= r["score"] <= 1 for r in res["fact"])
+    with open(res["fact_heatmap"], "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+    report = open(os.path.join(out, "report.md")).read()
+    assert "teacher-forced answer loss" in report and "0% loss" in report
+
+
 def test_generate_with_an_evicting_cache(run_dir, tmp_path):
     prompt = tmp_path / "p.json"
     prompt.write_text(json.dumps({"instruction": "What is the value of AB-12?",

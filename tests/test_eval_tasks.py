@@ -9,7 +9,7 @@ from dcwdist.data_pipelines.tokenizer import build_tokenizer
 from dcwdist.eval.generate import encode_prompt
 from dcwdist.eval.heatmap import plot_heatmap
 from dcwdist.eval.ruler import read_ruler, score_ruler
-from dcwdist.eval.tasks import kv_prompt, needle_prompt, qa_eval, retrieval_grid
+from dcwdist.eval.tasks import fact_prompt, kv_prompt, needle_prompt, qa_eval, retrieval_grid
 
 TOK = build_tokenizer("byte")
 LENGTHS, DEPTHS = [256, 1024], [0.0, 0.5, 1.0]
@@ -54,6 +54,33 @@ def test_kv_oracle_and_qa_oracle():
     assert made_up[0]["em"] == 0.0 and made_up[0]["answers_with_value"] == 3
 
 
+def fact_oracle(p):
+    """The training task read the way the instruction asks: topic, key and section."""
+    topic, key, sec = re.search(r"the (\w+) value of (\S+) in section ([\d.]+)\?",
+                                p.instruction).groups()
+    section = re.search(rf"Section {re.escape(sec)}\. (.*?)\n", p.document).group(1)
+    return re.search(rf"The {topic} value of {re.escape(key)} is (\d+)\.", section).group(1)
+
+
+def test_fact_task_is_the_training_format_at_its_depth():
+    from dcwdist.data_pipelines.packing import encode_example
+    from dcwdist.data_pipelines.synthetic import Example
+
+    rows = retrieval_grid(fact_oracle, TOK, fact_prompt, [256, 2048], DEPTHS, seed=0, samples=2)
+    assert all(r["score"] == 1.0 for r in rows) and "answer_loss" not in rows[0]
+    for n in (256, 2048, 8192):
+        for d in DEPTHS:
+            p = fact_prompt(TOK, n, d, seed=1)
+            seg = encode_example(TOK, Example(p.instruction, p.document, p.answer,
+                                              p.relevant_spans))
+            assert n - 80 <= len(seg.tokens) <= n  # prompt + answer + <eos> fit the row
+            (a, b), = p.relevant_spans
+            assert p.document[a:b] == f"The {p.instruction.split()[3]} value of " \
+                                      f"{p.instruction.split()[6]} is {p.answer.strip()}."
+            if n > 256:  # a 256-token document holds two or three sentences
+                assert abs(a / len(p.document) - d) < 0.1
+
+
 def test_heatmap_is_a_valid_png(tmp_path):
     import matplotlib.image as mpimg
     rows = [{"length": n, "depth": d, "score": (i + j) / 4}
@@ -63,6 +90,10 @@ def test_heatmap_is_a_valid_png(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     img = mpimg.imread(path)
     assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
+    for r in rows:
+        r["answer_loss"] = 1.5 * r["score"]
+    loss = plot_heatmap(rows, str(tmp_path / "l.png"), "fact", key="answer_loss", chance=1.52)
+    assert mpimg.imread(loss).shape[0] > 50
 
 
 def test_ruler_reader_scores_a_fixture(tmp_path):
@@ -89,3 +120,33 @@ def test_ruler_reader_scores_a_fixture(tmp_path):
     bad.write_text('{"input": "x"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         read_ruler(str(bad))
+
+
+def test_answer_loss_is_the_mean_nll_of_the_answer_digits_space_and_eos():
+    import os
+
+    import torch
+
+    from dcwdist.config import load_config
+    from dcwdist.eval.positions import AnswerLoss
+    from dcwdist.train.trainer import build_model
+    from tests.conftest import REPO
+
+    cfg = load_config(os.path.join(REPO, "recipes/tiny_cpu.yaml"),
+                      ["attention.kind=dense", "model.dim=32", "model.n_layers=1"])
+    torch.manual_seed(0)
+    model = build_model(cfg, cfg.attention).eval()
+    p = fact_prompt(TOK, 512, 0.5, seed=2)
+    got = AnswerLoss(model, TOK, align=32)(p)
+    ids, _ = encode_prompt(TOK, p)  # <instr> .. <doc> .. <answer>
+    targets = TOK.encode(p.answer) + [TOK.special_ids["<eos>"]]
+    full = torch.tensor([ids + targets])
+    from dcwdist.attention.context import AttnContext
+    n = full.shape[1]
+    ctx = AttnContext(doc_ids=torch.zeros(1, n, dtype=torch.long),
+                      positions=torch.arange(n)[None])
+    with torch.no_grad():
+        logits = model.logits(model(full, ctx))[0].float()
+    nll = torch.nn.functional.cross_entropy(logits[len(ids) - 1:-1], torch.tensor(targets))
+    assert len(targets) == 6
+    assert got == pytest.approx(float(nll), rel=1e-4)

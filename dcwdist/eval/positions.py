@@ -79,3 +79,26 @@ def format_table(rows: list[dict]) -> str:
     out = [line(keys), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line([r[k] for k in keys]) for r in rows]
     return "\n".join(out)
+
+
+class AnswerLoss:
+    """Teacher-forced loss of a prompt's answer (nats/token over the answer tokens and <eos>,
+    as the training's eval/answer_loss): the prompt packed as one training row (same roles,
+    relevance and document ids, so oracle tiers and answer_core see what they see in
+    training), padded to the prompt's length rounded up to the attention block."""
+
+    def __init__(self, model, tok, align: int = 1):
+        self.model, self.tok, self.align = model, tok, align
+
+    def __call__(self, prompt) -> float:
+        from dcwdist.data_pipelines.packing import encode_example, pack_row
+        from dcwdist.data_pipelines.synthetic import Example
+
+        seg = encode_example(self.tok, Example(prompt.instruction, prompt.document, prompt.answer,
+                                               list(prompt.relevant_spans)))
+        n = max(len(seg.tokens), prompt.length)
+        n += (-n) % self.align
+        batch = pack_row([seg], n, self.align, self.tok.pad_id, "answer")
+        totals: dict = {}
+        loss_by_position(self.model, [batch.to(self.model.norm.weight.device)], n, totals=totals)
+        return totals["answer_loss"]

@@ -1,6 +1,8 @@
 """`dcwdist eval RUN_DIR --suite ...`: the evaluation suite of a trained run.
 
-Suites: needle and kv (retrieval over lengths x depths, heat-map PNGs), qa (held-out synthetic
+Suites: needle and kv (retrieval over lengths x depths, heat-map PNGs), fact (the training
+task's fact sentence at each depth, scored by greedy answer and by teacher-forced answer loss,
+which moves long before greedy answers are right; heat-map of the loss), qa (held-out synthetic
 QA: EM / F1 / ROUGE-L / hallucination rate), ppl (loss by position bucket), speed (prefill
 tokens/s, peak memory, attention FLOPs vs dense per tier), plus a RULER jsonl file if given.
 Answers are greedy decodes on a KV cache under one eviction policy (`CacheConfig`). Writes
@@ -20,10 +22,13 @@ from tqdm import tqdm
 from dcwdist.eval.generate import ModelPredictor
 from dcwdist.eval.heatmap import plot_heatmap
 from dcwdist.eval.kvcache import CacheConfig, HeadBudget
-from dcwdist.eval.positions import format_table, loss_by_position
-from dcwdist.eval.tasks import kv_prompt, needle_prompt, qa_eval, retrieval_grid
+from dcwdist.eval.positions import AnswerLoss, format_table, loss_by_position
+from dcwdist.eval.tasks import fact_prompt, kv_prompt, needle_prompt, qa_eval, retrieval_grid
 
-SUITES = ("needle", "kv", "qa", "ppl", "speed")
+SUITES = ("needle", "kv", "fact", "qa", "ppl", "speed")
+ANSWER_CHANCE = 1.52
+"""Answer loss (nats/token) of a model that knows the format but not the fact: the space and
+<eos> are certain, the four digits uniform (the first 1-9): (ln 9 + 3 ln 10) / 6."""
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -47,7 +52,7 @@ class SuiteConfig:
     """What `dcwdist eval --suite` runs and where it writes."""
 
     suites: list[str] = field(default_factory=lambda: list(SUITES))
-    """Any of needle, kv, qa, ppl, speed."""
+    """Any of needle, kv, fact, qa, ppl, speed."""
     lengths: list[int] = field(default_factory=lambda: [2048, 8192])
     """Prompt / row lengths in tokens."""
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -131,7 +136,8 @@ def run_suite(model, tok, data_cfg, cfg: SuiteConfig, cache_cfg: CacheConfig, ou
     predict = ModelPredictor(model, tok, cache_cfg, cfg.max_new_tokens, align, head_budget)
     ruler = read_ruler(cfg.ruler, cfg.ruler_limit) if cfg.ruler else []
     L, n_cells = len(cfg.lengths), len(cfg.lengths) * len(cfg.depths) * cfg.samples
-    total = sum({"needle": n_cells, "kv": n_cells, "qa": L * cfg.qa_samples, "ppl": L,
+    total = sum({"needle": n_cells, "kv": n_cells, "fact": n_cells, "qa": L * cfg.qa_samples,
+                 "ppl": L,
                  "speed": L}[s] for s in cfg.suites) + len(ruler)
     bar = tqdm(total=total, unit="task", disable=not cfg.progress, dynamic_ncols=True)
     tick = lambda: bar.update(1)  # noqa: E731
@@ -139,15 +145,19 @@ def run_suite(model, tok, data_cfg, cfg: SuiteConfig, cache_cfg: CacheConfig, ou
                  "suite": asdict(cfg)}
     amp = (torch.autocast(dev.type, dtype=torch.bfloat16) if autocast_bf16 else nullcontext())
     with amp:
-        for name, builder in (("needle", needle_prompt), ("kv", kv_prompt)):
+        for name, builder in (("needle", needle_prompt), ("kv", kv_prompt),
+                              ("fact", fact_prompt)):
             if name in cfg.suites:
                 bar.set_description(name)
+                scorer = AnswerLoss(model, tok, align) if name == "fact" else None
                 rows = retrieval_grid(predict, tok, builder, cfg.lengths, cfg.depths, cfg.seed,
-                                      cfg.samples, tick)
+                                      cfg.samples, tick, answer_loss=scorer)
                 res[name] = rows
                 res[f"{name}_heatmap"] = plot_heatmap(
                     rows, os.path.join(out_dir, f"{name}_heatmap.png"),
-                    f"{name} ({model.attn_cfg.kind}, cache {cache_cfg.policy})")
+                    f"{name} ({model.attn_cfg.kind}, cache {cache_cfg.policy})",
+                    key="answer_loss" if scorer else "score",
+                    chance=ANSWER_CHANCE if scorer else 0.0)
         if "qa" in cfg.suites:
             bar.set_description("qa")
             from dcwdist.data_pipelines.stream import EVAL_SEED_OFFSET
@@ -186,6 +196,8 @@ def run_suite(model, tok, data_cfg, cfg: SuiteConfig, cache_cfg: CacheConfig, ou
 
 TITLES = {"needle": "Needle in a haystack (score by length x depth)",
           "kv": "Key-value retrieval (score by length x depth)",
+          "fact": "The training task's fact by depth (teacher-forced answer loss, nats/token; "
+                  "greedy answers right, %)",
           "qa": "Held-out synthetic QA (%)", "ruler": "RULER file (string match, %)",
           "ppl": "Loss by position within document", "speed": "Prefill speed and attention FLOPs"}
 
@@ -200,20 +212,22 @@ def report_markdown(res: dict) -> str:
         rows = res[key]
         if key in ("needle", "kv"):
             rows = _pivot(rows)
+        elif key == "fact":
+            rows = _pivot(rows, "answer_loss") + _pivot(rows)
         lines += [f"## {title}", "", format_table(rows), ""]
         if f"{key}_heatmap" in res:
             lines += [f"![{key}]({os.path.basename(res[f'{key}_heatmap'])})", ""]
     return "\n".join(lines)
 
 
-def _pivot(rows: list[dict]) -> list[dict]:
-    """Grid rows -> one row per depth, one column per length (scores in %)."""
+def _pivot(rows: list[dict], key: str = "score") -> list[dict]:
+    """Grid rows -> one row per depth, one column per length (scores in %, losses in nats)."""
     lengths = sorted({r["length"] for r in rows})
     out = []
     for d in sorted({r["depth"] for r in rows}):
-        row = {"depth": f"{100 * d:.0f}%"}
+        row = {"depth": f"{100 * d:.0f}%" + (" loss" if key != "score" else "")}
         for n in lengths:
-            row[str(n)] = next(round(100 * r["score"], 1) for r in rows
-                               if r["depth"] == d and r["length"] == n)
+            v = next(r[key] for r in rows if r["depth"] == d and r["length"] == n)
+            row[str(n)] = round(v, 3) if key != "score" else round(100 * v, 1)
         out.append(row)
     return out

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from dcwdist.data_pipelines.synthetic import _filler, make_example
+from dcwdist.data_pipelines.synthetic import TOPICS, _filler, make_example
 from dcwdist.eval.metrics import qa_scores, string_match_all
 
 PROMPT_OVERHEAD = 3
@@ -105,6 +105,54 @@ def kv_prompt(tok, length: int, depth: float, seed: int, index: int = 0) -> Prom
                   relevant_spans=_span_of(doc, f'"{key}": "{value}", '))
 
 
+def fact_prompt(tok, length: int, depth: float, seed: int, index: int = 0) -> Prompt:
+    """The training task with the fact at a chosen depth: one 'The {topic} value of {key} is
+    {value}.' sentence among the training filler, in numbered sections, asked about with the
+    training's specific instruction. Prompt + answer + <eos> fit in `length` tokens, so a
+    teacher-forced row of `length` holds it whole (`dcwdist.eval.positions.AnswerLoss`)."""
+    rng = np.random.default_rng([seed, length, int(depth * 1000), index, 17])
+    topic = TOPICS[int(rng.integers(len(TOPICS)))]
+    key = f"{chr(65 + rng.integers(26))}{chr(65 + rng.integers(26))}-{rng.integers(10, 100)}"
+    value = str(int(rng.integers(1000, 10000)))
+    fact = f"The {topic} value of {key} is {value}. "
+
+    def name(i: int) -> str:
+        return f"{i // 4 + 1}.{i % 4 + 1}"
+
+    n_sec = max(1, length // 400)  # training documents: a section per ~400 characters
+    longest = f"What is the {topic} value of {key} in section {name(n_sec - 1)}?"
+    headers = sum(_n_tokens(tok, f"Section {name(i)}. \n") for i in range(n_sec))
+    room = (length - PROMPT_OVERHEAD - _n_tokens(tok, longest) - _n_tokens(tok, f" {value}")
+            - 1 - headers - _n_tokens(tok, fact))  # 1: <eos>
+    sentences, used = [], 0
+    while True:
+        sent = _filler(rng)
+        n = _n_tokens(tok, sent)
+        if used + n > room:
+            break
+        sentences.append(sent)
+        used += n
+    at, cum = len(sentences), 0  # the sentence boundary nearest depth * (filler tokens)
+    for i, sent in enumerate(sentences):
+        if cum >= depth * used:
+            at = i
+            break
+        cum += _n_tokens(tok, sent)
+    sentences.insert(at, fact)
+    n_sec = min(n_sec, len(sentences))
+    per = -(-len(sentences) // n_sec)
+    parts, section = [], 0
+    for i in range(n_sec):
+        chunk = sentences[i * per:(i + 1) * per]
+        if i * per <= at < (i + 1) * per:
+            section = i
+        parts.append(f"Section {name(i)}. " + "".join(chunk) + "\n")
+    doc = "".join(parts)
+    instruction = f"What is the {topic} value of {key} in section {name(section)}?"
+    return Prompt(instruction, doc, answer=f" {value}", facts={key: value}, length=length,
+                  depth=depth, relevant_spans=_span_of(doc, fact.rstrip()))
+
+
 def qa_prompt(tok, length: int, seed: int, index: int, num_facts: int = 4,
               specificity: str = "specific", style: str = "basic", hops: int = 1) -> Prompt:
     """A held-out synthetic document QA example (the training generator on a disjoint seed)."""
@@ -126,22 +174,30 @@ GridBuilder = Callable[..., Prompt]
 
 def retrieval_grid(predictor: Predictor, tok, builder: GridBuilder, lengths: Iterable[int],
                    depths: Iterable[float], seed: int, samples: int = 1,
-                   progress: Optional[Callable[[], None]] = None) -> list[dict]:
+                   progress: Optional[Callable[[], None]] = None,
+                   answer_loss: Optional[Callable[[Prompt], float]] = None) -> list[dict]:
     """Score `predictor` on every (length, depth) cell; rows carry score in [0, 1] per cell.
 
     Scoring is RULER's string match: the cell scores the share of samples whose prediction
-    contains the needle's value.
+    contains the needle's value. With `answer_loss` (prompt -> teacher-forced loss of its
+    answer, nats/token) rows also carry the mean of that: it shows how far a model is from
+    retrieving long before its greedy answers are right.
     """
     rows = []
     for length in lengths:
         for depth in depths:
-            hits = []
+            hits, losses = [], []
             for i in range(samples):
                 prompt = builder(tok, length, depth, seed, i)
                 hits.append(string_match_all(predictor(prompt), [prompt.answer.strip()]))
+                if answer_loss is not None:
+                    losses.append(answer_loss(prompt))
                 if progress:
                     progress()
-            rows.append({"length": length, "depth": depth, "score": float(np.mean(hits))})
+            row = {"length": length, "depth": depth, "score": float(np.mean(hits))}
+            if losses:
+                row["answer_loss"] = float(np.mean(losses))
+            rows.append(row)
     return rows
 
 
