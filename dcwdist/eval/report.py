@@ -88,12 +88,14 @@ def run_summary(run_dir: str) -> dict:
         with open(res_path) as f:
             res = json.load(f)
     out["lengths"] = sorted({r["length"] for r in res.get("needle", []) + res.get("kv", [])})
-    for task in ("needle", "kv"):
+    for task in ("needle", "kv", "fact"):
         out[task] = _retrieval(res.get(task, []))
         out[f"{task}_by_length"] = {n: _retrieval(res[task], n) for n in out["lengths"]
                                     if task in res}
         hm = os.path.join(run_dir, EVAL_DIR, f"{task}_heatmap.png")
         out[f"{task}_heatmap"] = hm if os.path.exists(hm) else None
+    fact = [r["answer_loss"] for r in res.get("fact", []) if "answer_loss" in r]
+    out["fact_answer_loss"] = _mean(fact) if fact else None
     qa = res.get("qa", [])
     for key in ("em", "f1", "rouge_l", "hallucination_rate"):
         out[f"qa_{key}"] = _mean([r[key] for r in qa]) if qa else None
@@ -128,6 +130,7 @@ def report_rows(runs: list[dict]) -> list[dict]:
             row[f"answer loss {_len(n)}"] = _fmt(r["val_answer_loss"].get(n), 3)
         row["needle %"] = _fmt(r["needle"])
         row["kv %"] = _fmt(r["kv"])
+        row["fact answer loss"] = _fmt(r.get("fact_answer_loss"), 3)
         row["QA EM"] = _fmt(r["qa_em"])
         row["QA F1"] = _fmt(r["qa_f1"])
         row["ROUGE-L"] = _fmt(r["qa_rouge_l"])
@@ -247,8 +250,8 @@ def build_report(run_dirs: list[str], out_dir: str, title: str = "dcwdist report
     lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     heat = []
     for r in runs:
-        for task in ("needle", "kv"):
-            if r[f"{task}_heatmap"]:
+        for task in ("needle", "kv", "fact"):
+            if r.get(f"{task}_heatmap"):
                 name = f"{r['run']}_{task}.png"
                 shutil.copyfile(r[f"{task}_heatmap"], os.path.join(out_dir, name))
                 heat.append(f"![{r['run']} {task}]({name})")
