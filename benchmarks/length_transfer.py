@@ -166,10 +166,24 @@ def plot(jsonl: str, png: str, lengths: list[int], select: list[str] = ()) -> No
     fig.savefig(png, dpi=120)
 
 
+def checkpoints(run_dir: str, spec: str) -> list[str]:
+    """--checkpoint: "" (model.pt), TAG[,TAG...], or all (every stepNNNNNNNN tag, in order)."""
+    if spec != "all":
+        return spec.split(",") if spec else [""]
+    folder = os.path.join(run_dir, "checkpoints")
+    tags = sorted(t for t in (os.listdir(folder) if os.path.isdir(folder) else [])
+                  if t.startswith("step") and os.path.exists(os.path.join(folder, t, "state.pt")))
+    if not tags:
+        raise FileNotFoundError(f"{folder} holds no step checkpoints (checkpoint.every=N saves them)")
+    return tags
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run_dir", nargs="?", help="a dcwdist run directory (not with --plot)")
-    ap.add_argument("--checkpoint", default="", help="checkpoint tag or path (default model.pt)")
+    ap.add_argument("--checkpoint", default="",
+                    help="checkpoint tag or path, a comma list of them, or 'all' (every saved "
+                         "step, in order: answer loss over training); default model.pt")
     ap.add_argument("--lengths", default="256,2k")
     ap.add_argument("--rope", default="stage,none",
                     help="comma list: stage (the recipe's RoPE at that length) | none | yarn:F | "
@@ -207,24 +221,26 @@ def main(argv=None) -> int:
     original = cfg.stages[0].seq_len
     base_rope = cfg.stages[0].rope or cfg.model.rope
     lines = []
-    for length in parse_lengths(args.lengths):
-        # the attention settings of the stage trained at this length, else the last one's
-        stage = next((s for s in cfg.stages if s.seq_len == length), cfg.stages[-1])
-        attn_cfg = AttentionConfig(**vars(cfg.stage_attention(stage)))
-        model = build_model(cfg, attn_cfg)
-        model.load_state_dict(load_weights(args.run_dir, args.checkpoint))
-        model.to(device)
-        align = attn_cfg.block_size if attn_cfg.block_based else 1
-        rows = build_rows(cfg.data, length, align, held_out=True)
-        for rope in args.rope.split(","):
-            model.set_rope(parse_rope(rope, base_rope, original, stage.rope or cfg.model.rope))
-            res = {"run": os.path.basename(os.path.normpath(args.run_dir)),
-                   "checkpoint": args.checkpoint or "model.pt", "kind": attn_cfg.kind,
-                   "length": length, "rope": rope, "max_doc_len": args.max_doc_len,
-                   "rows": args.rows, "overrides": list(args.overrides)} | measure(model, rows, args.rows, device)
-            line = json.dumps(res)
-            print(line, flush=True)
-            lines.append(line)
+    for checkpoint in checkpoints(args.run_dir, args.checkpoint):
+        for length in parse_lengths(args.lengths):
+            # the attention settings of the stage trained at this length, else the last one's
+            stage = next((s for s in cfg.stages if s.seq_len == length), cfg.stages[-1])
+            attn_cfg = AttentionConfig(**vars(cfg.stage_attention(stage)))
+            model = build_model(cfg, attn_cfg)
+            model.load_state_dict(load_weights(args.run_dir, checkpoint))
+            model.to(device)
+            align = attn_cfg.block_size if attn_cfg.block_based else 1
+            rows = build_rows(cfg.data, length, align, held_out=True)
+            for rope in args.rope.split(","):
+                model.set_rope(parse_rope(rope, base_rope, original,
+                                          stage.rope or cfg.model.rope))
+                res = {"run": os.path.basename(os.path.normpath(args.run_dir)),
+                       "checkpoint": checkpoint or "model.pt", "kind": attn_cfg.kind,
+                       "length": length, "rope": rope, "max_doc_len": args.max_doc_len,
+                       "rows": args.rows, "overrides": list(args.overrides)}
+                line = json.dumps(res | measure(model, rows, args.rows, device))
+                print(line, flush=True)
+                lines.append(line)
     if args.out:
         with open(args.out, "a") as f:
             f.write("\n".join(lines) + "\n")

@@ -69,6 +69,18 @@ def test_reads_a_checkpoint_and_appends_json_lines(run_dir, tmp_path):
     assert [json.loads(x) for x in open(out)] == lines
 
 
+def test_all_checkpoints_give_answer_loss_over_training_in_step_order(run_dir):
+    saved = sorted(t for t in os.listdir(os.path.join(run_dir, "checkpoints"))
+                   if t.startswith("step"))
+    assert len(saved) >= 2
+    lines = _transfer(run_dir, "--checkpoint", "all", "--lengths", "256", "--rope", "none",
+                      "--rows", "1", "device=cpu")
+    assert [x["checkpoint"] for x in lines] == saved
+    one = _transfer(run_dir, "--checkpoint", saved[-1], "--lengths", "256", "--rope", "none",
+                    "--rows", "1", "device=cpu")
+    assert one[0]["answer_loss"] == lines[-1]["answer_loss"]
+
+
 def test_a_missing_checkpoint_is_one_clear_error(run_dir):
     proc = subprocess.run([sys.executable, "benchmarks/length_transfer.py", run_dir,
                            "--checkpoint", "step_99999999", "device=cpu"], cwd=REPO,
