@@ -4,7 +4,7 @@
         --out runs/quality --parallel 4 --budget-s 540
 
 Per recipe: `dcwdist train RECIPE --run-dir OUT/runs/NAME [overrides]`, then `dcwdist eval
-OUT/runs/NAME --suite needle,kv,qa,ppl,speed ...` (its results in OUT/runs/NAME/eval_suite),
+OUT/runs/NAME --suite needle,kv,fact,qa,ppl,speed ...` (its results in OUT/runs/NAME/eval_suite),
 logs in OUT/runs/NAME.log; up to --parallel jobs share the device (small models leave most of
 an H100 idle). A job not started before --budget-s is skipped and listed; a job still running
 at --stop-after-s is terminated (its TensorBoard logs keep the stages it finished). --seeds 0,1,2
@@ -51,8 +51,11 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", type=int, default=1, help="jobs at once on the device")
     p.add_argument("--budget-s", type=float, default=0, help="start no job after this (0: none)")
     p.add_argument("--override", action="append", default=[], help="dotted override, all runs")
-    p.add_argument("--eval-args", default="--suite needle,kv,qa,ppl,speed --lengths 2k,8k "
-                   "--samples 2 --qa-samples 16", help="arguments of `dcwdist eval`")
+    # the trained lengths; fact scores the training task by depth with answer loss, which
+    # separates runs that greedy answers (needle, kv, QA EM: 0 in every trial so far) do not
+    p.add_argument("--eval-args", default="--suite needle,kv,fact,qa,ppl,speed "
+                   "--lengths 256,2k,8k --samples 2 --qa-samples 16",
+                   help="arguments of `dcwdist eval`")
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--stop-after-s", type=float, default=0,
                    help="terminate jobs still running after this (0: never)")
