@@ -24,8 +24,10 @@ class DataConfig:
     """Plain documents longer than a row: split into row-sized pieces, or keep the first row."""
     eval_fraction: float = 0.01
     """memmap/files: fraction of documents (the last ones) held out for evaluation rows."""
-    generator: Literal["basic", "rich"] = "basic"
-    """Synthetic documents: basic fact sentences, or rich (clauses, value tables, genres)."""
+    generator: Literal["basic", "rich", "copy"] = "basic"
+    """Synthetic documents: basic fact sentences, rich (clauses, value tables, genres), or copy
+    (a random 8-32 character code in filler, answered by repeating it: a first stage of these
+    teaches copying from context; see data_pipelines/synthetic.py copy_example)."""
     hops: int = 1
     """Synthetic questions: 1 = single hop; 2..4 = chains of cross-references."""
     tokenizer: str = "byte"

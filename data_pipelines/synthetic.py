@@ -32,7 +32,8 @@ TAILS = ("in good faith", "without undue delay", "as set out below", "where prac
          "for the avoidance of doubt", "unless agreed otherwise", "at all times",
          "in the ordinary course", "to the extent permitted", "within the stated period")
 SPECIFICITY = ("specific", "keyed", "vague")
-STYLES = ("basic", "rich")
+STYLES = ("basic", "rich", "copy")
+CODE_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 GENRES = (
     (("the committee", "the working group", "the chair", "the secretary", "members present",
       "the minutes", "the treasurer", "the agenda"),
@@ -80,6 +81,8 @@ def make_example(seed: int, index: int, doc_chars: int, num_facts: int = 4,
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     if not 1 <= hops <= 4:
         raise ValueError(f"hops must be in 1..4, got {hops}")
+    if style == "copy":
+        return copy_example(seed, index, doc_chars)
     if style == "rich" or hops > 1:
         return rich_example(seed, index, doc_chars, num_facts, specificity, hops)
     rng = np.random.default_rng([seed, index])
@@ -132,6 +135,33 @@ def make_example(seed: int, index: int, doc_chars: int, num_facts: int = 4,
         instruction = f"What does the document say about {topic}?"
     return Example(instruction=instruction, document=document, answer=f" {values[target]}",
                    relevant_spans=spans, facts=dict(zip(keys, values)), specificity=specificity)
+
+
+def copy_example(seed: int, index: int, doc_chars: int) -> Example:
+    """A code of 8-32 random capitals and digits in the training filler; the answer repeats it.
+
+    The key-section answer is four digits, so a model learns to copy from six answer tokens per
+    document: the copy circuit (find the value, then follow it token by token) forms late and
+    by chance (benchmarks/results/quality.md, trials 6-10). Here every answer token but the
+    first is such a copy step, so a short first stage of these builds the circuit."""
+    rng = np.random.default_rng([seed, index, 23])
+    code = "".join(CODE_CHARS[int(c)] for c in rng.integers(0, len(CODE_CHARS),
+                                                             size=int(rng.integers(8, 33))))
+    fact = f"The code is {code}. "
+    room = max(0, doc_chars - len(fact))
+    sentences, used = [], 0
+    while True:
+        sent = _filler(rng)
+        if used + len(sent) > room:
+            break
+        sentences.append(sent)
+        used += len(sent)
+    at = int(rng.integers(0, len(sentences) + 1))
+    start = sum(len(x) for x in sentences[:at])
+    document = "".join(sentences[:at] + [fact] + sentences[at:])
+    return Example(instruction="What is the code?", document=document, answer=f" {code}",
+                   relevant_spans=[(start, start + len(fact) - 1)], facts={"code": code},
+                   specificity="specific")
 
 
 def _genre_sentence(rng: np.random.Generator, genre: int) -> str:

@@ -133,3 +133,21 @@ def test_an_unknown_document_length_distribution_names_the_allowed_ones():
 
     with pytest.raises(ConfigError, match="doc_len_dist.*loguniform"):
         load_config("recipes/tiny_cpu.yaml", ["data.doc_len_dist=normal"])
+
+
+def test_copy_documents_hide_a_code_that_the_answer_repeats():
+    for i in range(20):
+        ex = make_example(5, i, 400, style="copy")
+        assert ex == make_example(5, i, 400, style="copy")  # deterministic
+        code = ex.answer.strip()
+        assert 8 <= len(code) <= 32 and re.fullmatch(r"[A-Z0-9]+", code)
+        (a, b), = ex.relevant_spans
+        assert ex.document[a:b] == f"The code is {code}."
+        assert ex.document.count(code) == 1 and len(ex.document) <= 400
+
+
+def test_a_copy_stage_supervises_many_more_answer_tokens_than_the_fact_task():
+    cfg = DataConfig(min_doc_len=100, num_facts=1, loss_on="answer", doc_len_dist="loguniform")
+    copy = DataConfig(**{**cfg.__dict__, "generator": "copy"})
+    count = lambda c: int((build_rows(c, 256).batch(0, 16).labels >= 0).sum())  # noqa: E731
+    assert count(copy) > 3 * count(cfg)
