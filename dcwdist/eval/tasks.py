@@ -48,10 +48,10 @@ def _n_tokens(tok, text: str) -> int:
     return len(tok.encode(text))
 
 
-def _haystack(rng: np.random.Generator, tok, budget: int, needle: str, depth: float,
-              sentence: Callable[[np.random.Generator], str]) -> str:
-    """Filler sentences totalling ~`budget` tokens with `needle` inserted at relative `depth`."""
-    room = max(0, budget - _n_tokens(tok, needle))
+def _filled(rng: np.random.Generator, tok, room: int, depth: float,
+            sentence: Callable[[np.random.Generator], str]) -> tuple[list[str], int]:
+    """Filler sentences totalling at most `room` tokens, and the index of the sentence boundary
+    nearest to depth * (their tokens): where the needle goes."""
     parts, used = [], 0
     while True:
         s = sentence(rng)
@@ -60,13 +60,19 @@ def _haystack(rng: np.random.Generator, tok, budget: int, needle: str, depth: fl
             break
         parts.append(s)
         used += n
-    # Insert at the sentence boundary nearest to depth * (filler tokens).
     cum, at = 0, len(parts)
     for i, s in enumerate(parts):
         if cum >= depth * used:
             at = i
             break
         cum += _n_tokens(tok, s)
+    return parts, at
+
+
+def _haystack(rng: np.random.Generator, tok, budget: int, needle: str, depth: float,
+              sentence: Callable[[np.random.Generator], str]) -> str:
+    """Filler sentences totalling ~`budget` tokens with `needle` inserted at relative `depth`."""
+    parts, at = _filled(rng, tok, max(0, budget - _n_tokens(tok, needle)), depth, sentence)
     return "".join(parts[:at] + [needle] + parts[at:])
 
 
@@ -124,20 +130,7 @@ def fact_prompt(tok, length: int, depth: float, seed: int, index: int = 0) -> Pr
     headers = sum(_n_tokens(tok, f"Section {name(i)}. \n") for i in range(n_sec))
     room = (length - PROMPT_OVERHEAD - _n_tokens(tok, longest) - _n_tokens(tok, f" {value}")
             - 1 - headers - _n_tokens(tok, fact))  # 1: <eos>
-    sentences, used = [], 0
-    while True:
-        sent = _filler(rng)
-        n = _n_tokens(tok, sent)
-        if used + n > room:
-            break
-        sentences.append(sent)
-        used += n
-    at, cum = len(sentences), 0  # the sentence boundary nearest depth * (filler tokens)
-    for i, sent in enumerate(sentences):
-        if cum >= depth * used:
-            at = i
-            break
-        cum += _n_tokens(tok, sent)
+    sentences, at = _filled(rng, tok, room, depth, _filler)
     sentences.insert(at, fact)
     n_sec = min(n_sec, len(sentences))
     per = -(-len(sentences) // n_sec)
