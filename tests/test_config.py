@@ -55,12 +55,15 @@ def test_bad_input_is_one_line_naming_the_key(override, needle):
 
 
 def test_a_stage_changes_only_the_data_fields_it_names():
-    cfg = load_config(os.path.join(REPO, "recipes/ablations/quality_dense.yaml"),
-                      ["stages.0.data.loss_on=all", "stages.0.data.max_doc_len=160"])
+    cfg = load_config(os.path.join(REPO, "recipes/tiny_cpu.yaml"),
+                      ["stages.0.data.loss_on=answer", "stages.0.data.max_doc_len=300"])
     first, second = cfg.stage_data(cfg.stages[0]), cfg.stage_data(cfg.stages[1])
-    assert (first.loss_on, first.max_doc_len) == ("all", 160)
-    assert (second.loss_on, second.max_doc_len) == ("answer", 0)
+    assert (first.loss_on, first.max_doc_len) == ("answer", 300)
+    assert (second.loss_on, second.max_doc_len) == (cfg.data.loss_on, cfg.data.max_doc_len)
     assert first.min_doc_len == second.min_doc_len == cfg.data.min_doc_len
+    quality = load_config(os.path.join(REPO, "recipes/ablations/quality_dense.yaml"))
+    copy, fact = (quality.stage_data(s) for s in quality.stages[:2])
+    assert (copy.generator, fact.generator) == ("copy", "basic")
 
 
 def test_sequence_length_not_divisible_by_block_is_rejected():
