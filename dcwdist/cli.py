@@ -132,10 +132,17 @@ def cmd_generate(args) -> int:
 
 def cmd_tb(args) -> int:
     from dcwdist.eval.positions import format_table
-    from dcwdist.train.logging import last_scalars
+    from dcwdist.train.logging import compare_scalars, last_scalars
 
-    print(format_table(last_scalars(args.run_dir)))
-    return 0
+    if not args.against:
+        print(format_table(last_scalars(args.run_dir)))
+        return 0
+    rows = compare_scalars(args.run_dir, args.against)
+    print(format_table(rows))
+    differ = [r["scalar"] for r in rows if r["differ"]]
+    print(f"{len(rows) - len(differ)} of {len(rows)} scalars agree at every step both runs logged"
+          + (f"; differing: {', '.join(differ)}" if differ else ""))
+    return 1 if differ else 0
 
 
 def cmd_report(args) -> int:
@@ -215,8 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tb", help="print the last TensorBoard scalars of a run",
                        description="Print the last logged value of every TensorBoard scalar "
-                       "in RUN_DIR/tb (loss, lr, tokens/s, MFU, memory, scorer metrics).")
+                       "in RUN_DIR/tb (loss, lr, tokens/s, MFU, memory, scorer metrics). With "
+                       "--against RUN2: compare the two runs step by step (timings left out), "
+                       "exit 1 if any scalar differs, e.g. to check that `deterministic: true` "
+                       "makes two runs of one seed the same run.")
     p.add_argument("run_dir", help="run directory written by `dcwdist train`")
+    p.add_argument("--against", default="", metavar="RUN2",
+                   help="another run directory: compare every scalar at every common step")
     p.set_defaults(func=cmd_tb)
 
     p = sub.add_parser("report", help="compare finished runs: table + plots",

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from dcwdist.cli import main
+from dcwdist.train.logging import compare_scalars
 from tests.conftest import REPO
 
 SCRIPT = r"""
@@ -42,8 +44,18 @@ def test_two_deterministic_runs_of_one_seed_take_the_same_steps(tmp_path):
     assert a["det"] and not a["autotune"] and "deterministic" in a["banner"]
     for key in ("first_loss", "last_loss"):
         assert a["summary"][key] == b["summary"][key], (a["summary"], b["summary"])
+    # `dcwdist tb A --against B` reads both TensorBoard logs and finds every scalar equal
+    rows = {r["scalar"]: r for r in compare_scalars(str(tmp_path / "a"), str(tmp_path / "b"))}
+    assert rows["train/loss"]["steps"] == 3 and all(r["differ"] == 0 for r in rows.values())
+    assert "train/tokens_per_s" not in rows  # timings differ between identical runs
+    assert main(["tb", str(tmp_path / "a"), "--against", str(tmp_path / "b")]) == 0
 
 
 def test_runs_are_not_made_deterministic_unless_asked(tmp_path):
     c = run(tmp_path, "c", "stages.0.steps=1", "stages.1.steps=1")
     assert not c["det"] and c["autotune"] and "deterministic" not in c["banner"]
+    # another seed is another run, and the comparison says so (exit 1)
+    run(tmp_path, "d", "stages.0.steps=1", "stages.1.steps=1", "seed=1")
+    rows = {r["scalar"]: r for r in compare_scalars(str(tmp_path / "c"), str(tmp_path / "d"))}
+    assert rows["train/loss"]["first_differing_step"] == 1
+    assert main(["tb", str(tmp_path / "c"), "--against", str(tmp_path / "d")]) == 1

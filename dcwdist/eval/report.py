@@ -19,18 +19,9 @@ from typing import Optional
 import yaml
 
 from dcwdist.eval.positions import format_table
+from dcwdist.train.logging import read_scalars
 
 EVAL_DIR = "eval_suite"
-
-
-def _scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
-    tb_dir = os.path.join(run_dir, "tb")
-    if not os.path.isdir(tb_dir):
-        return {}
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(tb_dir, size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def _mean(values: list[float]) -> Optional[float]:
@@ -71,7 +62,7 @@ def run_summary(run_dir: str) -> dict:
            "summary_pool": attn["summary_pool"] if kind == "dcw" else None,
            "lambda_eff": seg["lambda_eff"] if kind == "dcw" else None,
            "specificity": data["specificity"]}
-    sc = _scalars(run_dir)
+    sc = read_scalars(run_dir, missing_ok=True)
     stage_len = dict(sc.get("eval/seq_len", []))
     # Only this config's stage lengths: a run directory reused by an earlier run keeps that
     # run's event files beside the new ones (the later value of a length wins).

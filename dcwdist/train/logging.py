@@ -62,19 +62,47 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def last_scalars(run_dir: str) -> list[dict]:
-    """Last value of every TensorBoard scalar under RUN_DIR/tb (for `dcwdist tb`)."""
+def read_scalars(run_dir: str, missing_ok: bool = False) -> dict[str, list[tuple[int, float]]]:
+    """Every TensorBoard scalar under RUN_DIR/tb: {tag: [(step, value), ...]}."""
     import os
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb_dir = os.path.join(run_dir, "tb")
     if not os.path.isdir(tb_dir):
+        if missing_ok:
+            return {}
         raise FileNotFoundError(f"{run_dir} has no tb/ folder (was logging.tensorboard off?)")
     acc = EventAccumulator(tb_dir, size_guidance={"scalars": 0})
     acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def last_scalars(run_dir: str) -> list[dict]:
+    """Last value of every TensorBoard scalar under RUN_DIR/tb (for `dcwdist tb`)."""
+    return [{"scalar": tag, "step": series[-1][0], "value": f"{series[-1][1]:.6g}"}
+            for tag, series in sorted(read_scalars(run_dir).items())]
+
+
+# measured, not computed: these differ between identical runs and are left out of a comparison
+MEASURED = ("tokens_per_s", "peak_mem", "mfu", "step_s", "time")
+
+
+def compare_scalars(run_a: str, run_b: str) -> list[dict]:
+    """Per scalar logged by both runs (timings left out): the steps both logged, how many
+    differ, the first that does, and the largest |a - b| (`dcwdist tb A --against B`: are two
+    runs of one seed the same run?)."""
+    a, b = read_scalars(run_a), read_scalars(run_b)
     rows = []
-    for tag in sorted(acc.Tags()["scalars"]):
-        events = acc.Scalars(tag)
-        rows.append({"scalar": tag, "step": events[-1].step, "value": f"{events[-1].value:.6g}"})
+    for tag in sorted(set(a) & set(b)):
+        if any(m in tag for m in MEASURED):
+            continue
+        vb = dict(b[tag])
+        pairs = [(step, v, vb[step]) for step, v in a[tag] if step in vb]
+        diffs = [(step, abs(x - y)) for step, x, y in pairs if x != y]
+        rows.append({"scalar": tag, "steps": len(pairs), "differ": len(diffs),
+                     "first_differing_step": diffs[0][0] if diffs else "-",
+                     "max_abs_diff": f"{max(d for _, d in diffs):.3g}" if diffs else "0"})
+    if not rows:
+        raise ValueError(f"{run_a} and {run_b} logged no scalar in common")
     return rows
