@@ -41,16 +41,16 @@ def weights(run: str) -> tuple[str, bytes] | None:
     if os.path.exists(path):
         with open(path, "rb") as f:
             return "model.pt", f.read()
+    from dcwdist.train.checkpoint import CheckpointConfig, CheckpointManager, check_complete
+    from length_transfer import load_weights
+
     folder = os.path.join(run, "checkpoints")
-    tags = sorted((t for t in os.listdir(folder) if t.startswith("step")
-                   and os.path.exists(os.path.join(folder, t, "MANIFEST.json"))), reverse=True) \
-        if os.path.isdir(folder) else []
+    tags = [t for t in CheckpointManager(CheckpointConfig(), folder, 0).tags()
+            if check_complete(os.path.join(folder, t)) is None]
     if not tags:
         return None
-    state = torch.load(os.path.join(folder, tags[0], "state.pt"), map_location="cpu",
-                       weights_only=False)
     buf = io.BytesIO()
-    torch.save({"model": state["model"]}, buf)
+    torch.save({"model": load_weights(run, tags[0])}, buf)
     return f"checkpoints/{tags[0]}/state.pt", buf.getvalue()
 
 
@@ -99,4 +99,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

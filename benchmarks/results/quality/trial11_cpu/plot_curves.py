@@ -7,6 +7,9 @@ logs into curves.json, and curves.png from that file.
 import argparse
 import json
 import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[".."] * 4))
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--runs", nargs="*", default=[])
@@ -14,14 +17,13 @@ ap.add_argument("--json", required=True)
 ap.add_argument("--png", default="")
 args = ap.parse_args()
 if args.runs:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from dcwdist.train.logging import read_scalars
     curves = {}
     for d in args.runs:
-        ea = EventAccumulator(os.path.join(d, "tb"), size_guidance={"scalars": 0})
-        ea.Reload()
+        sc = read_scalars(d)
         curves[os.path.basename(os.path.normpath(d))] = {
-            tag: [(e.step, round(e.value, 4)) for e in ea.Scalars(tag)]
-            for tag in ("train/loss", "train/seq_len") if tag in ea.Tags()["scalars"]}
+            tag: [(step, round(v, 4)) for step, v in sc[tag]]
+            for tag in ("train/loss", "train/seq_len") if tag in sc}
     with open(args.json, "w") as f:
         json.dump(curves, f)
 if args.png:
