@@ -191,6 +191,14 @@ PLANS = {
     # SDPA, both through the trainer's DeepSpeed bf16 path
     "dense_v5": [(m, i, 128 * K) for m in ("qwen2_100m", "llama3.2_1b")
                  for i in ("dcwdist_sdpa_zero1", "dcwdist_dense_zero1")],
+    # dcwdist dense (SDPA, kept outputs, ZeRO-1) against the strong baseline at the other
+    # lengths dense runs: 8k and 32k for both models, then 256k (the 1B baseline with its CPU
+    # offload, as in the anchor); the 1B 256k pair is last, it is the longest
+    "dense_sweep": ([(m, i, L) for L in (8 * K, 32 * K) for m in ("qwen2_100m", "llama3.2_1b")
+                     for i in ("hf_liger", "dcwdist_sdpa_zero1")]
+                    + [("qwen2_100m", i, 256 * K) for i in ("hf_liger", "dcwdist_sdpa_zero1")]
+                    + [("llama3.2_1b", i, 256 * K)
+                       for i in ("dcwdist_sdpa_zero1", "hf_liger_offload")]),
     # where the 100M model's 1M step spends its time (with the long-sequence flags)
     "profile_1m": [("profile", "dcwdist_dcw_zero1", 1024 * K)],
     # --smoke (CPU): every impl once at tiny shapes
