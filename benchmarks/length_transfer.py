@@ -78,6 +78,23 @@ def answer_distances(batch) -> torch.Tensor:
     return torch.where(ans, torch.gather(dist, 1, latest_start.clamp_min(0)), none)
 
 
+def per_answer(ce: torch.Tensor, correct: torch.Tensor, ans: torch.Tensor,
+               dist: torch.Tensor) -> list[tuple[int, bool, float]]:
+    """One row's answers (runs of answer tokens): (distance of its first token, whether every
+    token is predicted, mean loss over its tokens)."""
+    out, i, n = [], 0, int(ans.numel())
+    while i < n:
+        if not ans[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and ans[j]:
+            j += 1
+        out.append((int(dist[i]), bool(correct[i:j].all()), float(ce[i:j].double().mean())))
+        i = j
+    return out
+
+
 @torch.no_grad()
 def measure(model, rows, n_rows: int, device) -> dict:
     from dcwdist.attention.context import ROLE_ANSWER
@@ -89,6 +106,7 @@ def measure(model, rows, n_rows: int, device) -> dict:
     counts = [0] * (len(EDGES) - 1)
     total, total_n = 0.0, 0
     computed = dense = 0.0
+    answers = []  # per answer: (distance, every token argmax-correct, mean loss)
     model.eval()
     for i in range(n_rows):
         batch = rows.batch(i, 1)
@@ -106,19 +124,31 @@ def measure(model, rows, n_rows: int, device) -> dict:
         ans = (labels != IGNORE) & (roles == ROLE_ANSWER)
         total += float(ce[ans].double().sum())
         total_n += int(ans.sum())
+        answers += per_answer(ce[0], logits[0].argmax(-1).cpu() == labels[0], ans[0], dist[0])
         for b in range(len(EDGES) - 1):
             sel = ans & (dist >= EDGES[b]) & (dist < EDGES[b + 1])
             sums[b] += float(ce[sel].double().sum())
             counts[b] += int(sel.sum())
+    losses = torch.tensor([a[2] for a in answers], dtype=torch.float64)
     out = {"answer_loss": round(total / total_n, 4) if total_n else math.nan,
            "answer_tokens": total_n,
+           # retrieval accuracy: % of answers whose every token is the argmax (teacher-forced
+           # exact match); the loss's standard error over answers says what a difference means
+           "answer_acc": round(100 * sum(a[1] for a in answers) / len(answers), 2)
+           if answers else math.nan,
+           "answers": len(answers),
+           "answer_loss_se": round(float(losses.std() / math.sqrt(len(answers))), 4)
+           if len(answers) > 1 else math.nan,
            "attn_flops_pct_dense": round(100 * computed / dense, 2) if dense else math.nan,
            "by_distance": {}}
     for b in range(len(EDGES) - 1):
         if counts[b]:
             hi = EDGES[b + 1] if EDGES[b + 1] < (1 << 30) else "inf"
-            out["by_distance"][f"{EDGES[b]}-{hi}"] = {"loss": round(sums[b] / counts[b], 4),
-                                                      "tokens": counts[b]}
+            got = [a[1] for a in answers if EDGES[b] <= a[0] < EDGES[b + 1]]
+            out["by_distance"][f"{EDGES[b]}-{hi}"] = {
+                "loss": round(sums[b] / counts[b], 4), "tokens": counts[b],
+                "acc": round(100 * sum(got) / len(got), 2) if got else math.nan,
+                "answers": len(got)}
     return out
 
 

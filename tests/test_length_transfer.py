@@ -15,7 +15,7 @@ from dcwdist.data_pipelines.packing import Batch
 from tests.test_eval_cli import REPO, _cli
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-from length_transfer import answer_distances  # noqa: E402
+from length_transfer import answer_distances, per_answer  # noqa: E402
 
 TRAIN = ["recipes/tiny_cpu.yaml", "model.dim=32", "model.n_layers=1",
          "segmentation.scorer_layers=1", "segmentation.scorer_dim=16",
@@ -56,6 +56,11 @@ def test_answer_loss_at_the_trained_length_is_the_trainers_held_out_eval(run_dir
     assert sum(b["tokens"] for b in buckets) == stage["answer_tokens"] > 0
     mean = sum(b["loss"] * b["tokens"] for b in buckets) / stage["answer_tokens"]
     assert mean == pytest.approx(stage["answer_loss"], abs=1e-3)
+    # retrieval accuracy counts answers, and the buckets' answers add up to them
+    assert sum(b["answers"] for b in buckets) == stage["answers"] > 0
+    assert 0 <= stage["answer_acc"] <= 100
+    hits = sum(b["acc"] * b["answers"] for b in buckets) / 100
+    assert hits == pytest.approx(stage["answer_acc"] * stage["answers"] / 100, abs=1e-6)
     assert lines[1]["answer_tokens"] == stage["answer_tokens"]  # same rows, other RoPE
 
 
@@ -109,3 +114,14 @@ def test_plot_draws_the_cases_of_a_results_file(run_dir, tmp_path):
               "device=cpu")
     _transfer("--plot", out, "--png", png, "--lengths", "512")
     assert os.path.getsize(png) > 10_000
+
+
+def test_an_answer_is_retrieved_only_if_every_token_is_predicted():
+    # two answers in one row: tokens 2-3 (both right) and 6-8 (one wrong)
+    ans = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1, 1, 0], dtype=torch.bool)
+    right = torch.tensor([0, 0, 1, 1, 0, 0, 1, 0, 1, 0], dtype=torch.bool)
+    ce = torch.tensor([9, 9, 0.5, 1.5, 9, 9, 1.0, 2.0, 3.0, 9])
+    dist = torch.tensor([-1, -1, 40, 40, -1, -1, 700, 700, 700, -1])
+    got = per_answer(ce, right, ans, dist)
+    assert [(d, ok) for d, ok, _ in got] == [(40, True), (700, False)]
+    assert [x for _, _, x in got] == pytest.approx([1.0, 2.0])
