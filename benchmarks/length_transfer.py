@@ -155,10 +155,11 @@ def measure(model, rows, n_rows: int, device) -> dict:
 CHANCE = 1.52  # nats per answer token: 4 uniform digits, then the space and <eos>
 
 
-def plot(jsonl: str, png: str, lengths: list[int], select: list[str] = ()) -> None:
-    """Answer loss by fact-to-answer distance, one line per (run, checkpoint, rope) at each
-    length; the last line for a case wins. `select`: keep labels starting with one of these
-    (or equal to one that ends in $)."""
+def plot(jsonl: str, png: str, lengths: list[int], select: list[str] = (),
+         metric: str = "loss") -> None:
+    """Answer loss (or retrieval accuracy, metric="acc") by fact-to-answer distance, one line
+    per (run, checkpoint, rope) at each length; the last line for a case wins. `select`: keep
+    labels starting with one of these (or equal to one that ends in $)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,14 +183,17 @@ def plot(jsonl: str, png: str, lengths: list[int], select: list[str] = ()) -> No
                 continue
             b = r["by_distance"]
             xs = [EDGES.index(int(k.split("-")[0])) for k in b]
-            ax.plot(xs, [v["loss"] for v in b.values()], marker="o",
+            overall = r["answer_acc"] if metric == "acc" else r["answer_loss"]
+            ax.plot(xs, [v[metric] for v in b.values()], marker="o",
                     ls=("-", "--", ":")[len(ax.lines) // 10 % 3],
-                    label=f"{label} ({r['answer_loss']:.2f})")
-        ax.axhline(CHANCE, color="gray", ls=":", label="chance")
+                    label=f"{label} ({overall:.2f})")
+        if metric == "loss":
+            ax.axhline(CHANCE, color="gray", ls=":", label="chance")
         n_buckets = sum(1 for e in EDGES[1:] if e <= length)
         ax.set_xticks(range(n_buckets), [f"{EDGES[i]}-{EDGES[i + 1]}" for i in range(n_buckets)])
         ax.set_xlabel("fact-to-answer distance (tokens)")
-        ax.set_ylabel("answer loss (nats/token)")
+        ax.set_ylabel("retrieval accuracy (% answers exact)" if metric == "acc"
+                      else "answer loss (nats/token)")
         ax.set_title(f"held-out rows of {length} tokens")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -224,6 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="", help="also append the JSON lines to this file")
     ap.add_argument("--plot", default="", help="plot this JSON-lines file instead (with --png)")
     ap.add_argument("--png", default="length_transfer.png")
+    ap.add_argument("--metric", default="loss", choices=("loss", "acc"),
+                    help="--plot: answer loss or retrieval accuracy (lines measured with it)")
     ap.add_argument("--select", default="",
                     help="--plot: comma list of label prefixes to keep (RUN@STEP), e.g. dcw@1000; "
                          "a trailing $ asks for the whole label")
@@ -235,7 +241,7 @@ def main(argv=None) -> int:
 
     if args.plot:
         plot(args.plot, args.png, parse_lengths(args.lengths),
-             [x for x in args.select.split(",") if x])
+             [x for x in args.select.split(",") if x], args.metric)
         return 0
     if not args.run_dir:
         ap.error("a run directory is required (or --plot RESULTS.jsonl)")

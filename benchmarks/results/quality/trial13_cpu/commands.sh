@@ -1,0 +1,26 @@
+#!/bin/bash
+# Trial 13 (CPU): seed 000's ablations of DCW at the 2k stage, run against run. Each run resumes
+# trial 12's DCW step-1000 checkpoint (copy 128x600 -> 256x400, the same weights for every run of
+# a seed) and trains 150 steps at 2k with one setting changed; then answer loss and retrieval
+# accuracy on 64 held-out 2k rows. From the repository root, after trial12_cpu/commands.sh.
+set -e
+T=benchmarks/results/quality/trial12_cpu
+O="device=cpu attention.impl=torch logging.progress=false checkpoint.every=50 checkpoint.keep_last=20 data.eval_rows=4 checkpoint.resume=auto"
+run() { seed=$1; name=$2; shift 2; R=runs/t13/$name; mkdir -p $R/checkpoints
+  cp -r runs/t12/dcw_s${seed}/checkpoints/step00001000 $R/checkpoints/
+  echo step00001000 > $R/checkpoints/latest
+  dcwdist train $T/c128_256_2k_dcw.yaml $O seed=$seed "$@" --run-dir $R; }
+run 0 dcw_s0_t10_20_70 segmentation.core_ratio=0.1 segmentation.buffer_ratio=0.2   # ablation_tiers_10_20_70.yaml
+run 0 dcw_s0_t30_30_40 segmentation.core_ratio=0.3 segmentation.buffer_ratio=0.3   # ablation_tiers_30_30_40.yaml
+run 0 dcw_s0_pool16 attention.summary_pool=16                                       # ablation_pool16.yaml
+run 0 dcw_s0_pool1 attention.summary_pool=1                                         # ablation_pool1.yaml
+run 1 dcw_s1_t10_20_70 segmentation.core_ratio=0.1 segmentation.buffer_ratio=0.2
+# trial 12's runs are the references (dcw_s0_2k = runs/t12/dcw_s0, ...), measured the same way
+for r in runs/t12/{dcw,dense}_s{0,1} runs/t12/window512_s0 runs/t13/*; do
+  python benchmarks/length_transfer.py $r --checkpoint step00001150 --lengths 2k --rope none --rows 64 \
+      device=cpu attention.impl=torch --out benchmarks/results/quality/trial13_cpu/acc64.jsonl
+done
+python benchmarks/length_transfer.py --plot benchmarks/results/quality/trial13_cpu/acc64.jsonl --lengths 2k \
+    --png benchmarks/results/quality/trial13_cpu/by_distance.png
+python benchmarks/length_transfer.py --plot benchmarks/results/quality/trial13_cpu/acc64.jsonl --lengths 2k --metric acc \
+    --png benchmarks/results/quality/trial13_cpu/acc_by_distance.png
