@@ -24,3 +24,15 @@ python benchmarks/length_transfer.py --plot benchmarks/results/quality/trial13_c
     --png benchmarks/results/quality/trial13_cpu/by_distance.png
 python benchmarks/length_transfer.py --plot benchmarks/results/quality/trial13_cpu/acc64.jsonl --lengths 2k --metric acc \
     --png benchmarks/results/quality/trial13_cpu/acc_by_distance.png
+# Shared start (seed 0): trial 12's DCW s0 weights at step 1000, exported without the scorer and
+# gates; dense and DCW each train 2k x150 from them (fresh optimizer, DCW's scorer from init)
+dcwdist hf-export runs/t12/dcw_s0 runs/t13/hf_dcw_s0_1000 --checkpoint step00001000 --dtype float32
+for k in dense dcw; do
+  OMP_NUM_THREADS=1 dcwdist train benchmarks/results/quality/trial13_cpu/shared_start_2k_$k.yaml device=cpu \
+      attention.impl=torch logging.progress=false checkpoint.every=50 checkpoint.keep_last=20 data.eval_rows=4 \
+      seed=0 model.init_from=runs/t13/hf_dcw_s0_1000 --run-dir runs/t13/shared_s0_$k
+  for c in step00000100 step00000150; do
+    python benchmarks/length_transfer.py runs/t13/shared_s0_$k --checkpoint $c --lengths 2k --rope none --rows 64 \
+        device=cpu attention.impl=torch --out benchmarks/results/quality/trial13_cpu/shared_start.jsonl
+  done
+done
