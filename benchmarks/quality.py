@@ -29,6 +29,11 @@ def job_name(recipe: str) -> str:
     return os.path.splitext(os.path.basename(recipe))[0]
 
 
+def run_name(recipe: str, seed: int | None, tag: str = "") -> str:
+    return (job_name(recipe) + ("" if seed is None else f"_s{seed}")
+            + (f"_{tag}" if tag else ""))
+
+
 def eval_missing(args) -> str:
     """The first package the requested eval suites need and cannot import, as an error line."""
     if args.no_eval:
@@ -61,6 +66,8 @@ def main(argv=None) -> int:
                    help="terminate jobs still running after this (0: never)")
     p.add_argument("--seeds", default="", help="comma list: each recipe once per seed "
                    "(run NAME_s<seed>, override seed=<seed>); default: the recipe's seed")
+    p.add_argument("--tag", default="", help="appended to every run name (NAME[_sSEED]_TAG): "
+                   "tells apart drivers run side by side, e.g. one per shared start")
     args = p.parse_args(argv)
     missing = eval_missing(args)
     if missing:  # before any training: a run that trains for minutes and then cannot evaluate
@@ -81,7 +88,7 @@ def main(argv=None) -> int:
 
     def start(job):
         recipe, seed = job
-        name = job_name(recipe) + ("" if seed is None else f"_s{seed}")
+        name = run_name(recipe, seed, args.tag)
         run_dir = os.path.join(runs_dir, name)
         extra = [] if seed is None else [f"seed={seed}"]
         train = py + ["train", recipe, *args.override, *extra, "--run-dir", run_dir]
@@ -102,7 +109,7 @@ def main(argv=None) -> int:
         while pending and len(running) < args.parallel:
             if (args.budget_s and time.perf_counter() - t0 > args.budget_s) or (
                     args.stop_after_s and time.perf_counter() - t0 > args.stop_after_s):
-                skipped += [job_name(r) + ("" if s is None else f"_s{s}") for r, s in pending]
+                skipped += [run_name(r, s, args.tag) for r, s in pending]
                 pending.clear()
                 break
             start(pending.pop(0))
