@@ -42,3 +42,13 @@ def test_suites_without_qa_do_not_need_rouge():
     assert quality.eval_missing(ns) == ""
     ns = argparse.Namespace(no_eval=False, eval_args="--suite=qa --lengths 2k")
     assert quality.eval_missing(ns) == ""  # rouge-score is installed here
+
+
+def test_tag_tells_apart_runs_of_drivers_run_side_by_side():
+    # trial 14 runs one driver per shared start, each with the same recipes and seed
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import quality
+    assert quality.run_name("recipes/ablations/quality_dcw.yaml", None) == "quality_dcw"
+    assert quality.run_name("recipes/ablations/quality_dcw.yaml", 0) == "quality_dcw_s0"
+    names = {quality.run_name("x/shared_dcw.yaml", 0, f"from_{s}") for s in ("dense_s0", "dcw_s0")}
+    assert names == {"shared_dcw_s0_from_dense_s0", "shared_dcw_s0_from_dcw_s0"}
