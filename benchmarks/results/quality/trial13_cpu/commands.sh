@@ -36,3 +36,20 @@ for k in dense dcw; do
         device=cpu attention.impl=torch --out benchmarks/results/quality/trial13_cpu/shared_start.jsonl
   done
 done
+# Shared starts, continued (2026-12-08): seed 1 from dense's step-1000 weights, a 256-token window
+# from both starts (near DCW's FLOPs at 2k), and seed 0 from dense's weights (a weaker start)
+dcwdist hf-export runs/t12/dense_s1 runs/starts/dense_s1 --checkpoint step00001000 --dtype float32
+dcwdist hf-export runs/t12/dense_s0 runs/starts/dense_s0 --checkpoint step00001000 --dtype float32
+O="device=cpu attention.impl=torch logging.progress=false checkpoint.every=50 checkpoint.keep_last=20 data.eval_rows=4"
+S=benchmarks/results/quality/trial13_cpu
+train() { OMP_NUM_THREADS=1 dcwdist train $S/shared_start_2k_$1.yaml $O seed=$2 model.init_from=$3 --run-dir runs/t13/$4; }
+train dense 1 runs/starts/dense_s1 shared_s1_dense;  train dcw 1 runs/starts/dense_s1 shared_s1_dcw
+train window256 0 runs/t13/hf_dcw_s0_1000 shared_s0_window256;  train window256 1 runs/starts/dense_s1 shared_s1_window256
+train dense 0 runs/starts/dense_s0 shared_s0_densestart_dense;  train dcw 0 runs/starts/dense_s0 shared_s0_densestart_dcw
+for r in shared_s1_dense shared_s1_dcw shared_s0_window256 shared_s1_window256 shared_s0_densestart_dense shared_s0_densestart_dcw; do
+  for c in step00000100 step00000150; do
+    python benchmarks/length_transfer.py runs/t13/$r --checkpoint $c --lengths 2k --rope none --rows 64 \
+        device=cpu attention.impl=torch --out $S/shared_start.jsonl
+  done
+done
+python benchmarks/length_transfer.py --plot $S/shared_start.jsonl --lengths 2k --metric acc --png $S/shared_start_acc.png
