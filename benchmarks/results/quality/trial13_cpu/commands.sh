@@ -52,4 +52,4 @@ for r in shared_s1_dense shared_s1_dcw shared_s0_window256 shared_s1_window256 s
         device=cpu attention.impl=torch --out $S/shared_start.jsonl
   done
 done
-python benchmarks/length_transfer.py --plot $S/shared_start.jsonl --lengths 2k --metric acc --png $S/shared_start_acc.png
+python benchmarks/length_transfer.py --plot $S/shared_start.jsonl --lengths 2k --metric acc --png $S/shared_start_acc.png --select "shared_s0_dense@0150 rope none$,shared_s0_dcw@0150 rope none$,shared_s0_window256@0150 rope none$,shared_s1_dense@0150 rope none$,shared_s1_dcw@0150 rope none$,shared_s1_window256@0150 rope none$,shared_s0_densestart_dense@0150 rope none$,shared_s0_densestart_dcw@0150 rope none$"
