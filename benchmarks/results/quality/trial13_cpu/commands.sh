@@ -52,4 +52,8 @@ for r in shared_s1_dense shared_s1_dcw shared_s0_window256 shared_s1_window256 s
         device=cpu attention.impl=torch --out $S/shared_start.jsonl
   done
 done
-python benchmarks/length_transfer.py --plot $S/shared_start.jsonl --lengths 2k --metric acc --png $S/shared_start_acc.png --select "shared_s0_dense@0150 rope none$,shared_s0_dcw@0150 rope none$,shared_s0_window256@0150 rope none$,shared_s1_dense@0150 rope none$,shared_s1_dcw@0150 rope none$,shared_s1_window256@0150 rope none$,shared_s0_densestart_dense@0150 rope none$,shared_s0_densestart_dcw@0150 rope none$"
+train window256 0 runs/starts/dense_s0 shared_s0_densestart_window256;  train caa 0 runs/t13/hf_dcw_s0_1000 shared_s0_caa
+for r in shared_s0_caa shared_s0_densestart_window256; do for c in step00000100 step00000150; do
+  python benchmarks/length_transfer.py runs/t13/$r --checkpoint $c --lengths 2k --rope none --rows 64 device=cpu attention.impl=torch --out $S/shared_start.jsonl
+done; done
+python benchmarks/length_transfer.py --plot $S/shared_start.jsonl --lengths 2k --metric acc --png $S/shared_start_acc.png --select "shared_s0_dense@0150 rope none$,shared_s0_dcw@0150 rope none$,shared_s0_window256@0150 rope none$,shared_s0_caa@0150 rope none$,shared_s1_dense@0150 rope none$,shared_s1_dcw@0150 rope none$,shared_s1_window256@0150 rope none$,shared_s0_densestart_dense@0150 rope none$,shared_s0_densestart_dcw@0150 rope none$,shared_s0_densestart_window256@0150 rope none$"
