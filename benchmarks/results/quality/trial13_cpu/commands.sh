@@ -36,8 +36,9 @@ for k in dense dcw; do
         device=cpu attention.impl=torch --out benchmarks/results/quality/trial13_cpu/shared_start.jsonl
   done
 done
-# Shared starts, continued (2026-12-08): seed 1 from dense's step-1000 weights, a 256-token window
-# from both starts (near DCW's FLOPs at 2k), and seed 0 from dense's weights (a weaker start)
+# Shared starts, continued (2026-12-08): seed 1 from dense's step-1000 weights, seed 0 from dense's
+# weights (a weaker start), a 256-token window from all three starts (trial 12's estimate of DCW's
+# FLOPs at 2k; it measures 48%), and CAA from the first
 dcwdist hf-export runs/t12/dense_s1 runs/starts/dense_s1 --checkpoint step00001000 --dtype float32
 dcwdist hf-export runs/t12/dense_s0 runs/starts/dense_s0 --checkpoint step00001000 --dtype float32
 O="device=cpu attention.impl=torch logging.progress=false checkpoint.every=50 checkpoint.keep_last=20 data.eval_rows=4"

@@ -45,4 +45,4 @@ wait
 cat /tmp/q14/acc_*.jsonl > "$OUT/acc.jsonl" 2>/dev/null
 tail -n 3 /tmp/q14/acc_*.log > "$OUT/acc_logs.txt" 2>/dev/null
 python3 benchmarks/pack_runs.py /tmp/q14/{dcw_s0,dense_s0,dense_s1,dcw_s1,rep}/runs --dest "$OUT"
-wc -l "$OUT/acc.jsonl"; cat "$OUT/drivers.log" | grep -E '"rc"|stop' | head -40
+wc -l "$OUT/acc.jsonl"; grep -E '"rc"|stop' "$OUT/drivers.log" | head -40
